@@ -1,0 +1,220 @@
+"""The code cache: translated blocks keyed by (guest address, translation key).
+
+It owns the native jump cache that translated code probes for indirect
+branches, links direct exits ("chaining") by patching chain slots and keeps
+the back-links that make unlinking exact when a block is invalidated.  Every
+decision bumps a named counter; the profiler reads only the counters.
+"""
+import time
+from collections import Counter, defaultdict, deque
+
+from . import state as S
+from .decode import decode_block, DecodeError
+from .jit import ModuleText, shared_jit
+from .semantics import ends_block, Unsupported
+from .translate import translate_block, static_successors
+
+import ctypes
+
+# Blocks compiled in this process, by (eip, key, guest bytes): a second machine
+# running the same code (the corpus, a re-run) reuses them instead of compiling.
+_MEMO = {}
+
+
+class TB:
+    """A translated block."""
+    __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "name")
+
+    def __init__(self, block, fn, slots, name):
+        self.eip, self.key, self.block = block.eip, block.key, block
+        self.fn, self.slots, self.name = fn, slots, name
+        self.pages = block.pages()
+        self.ninsns = len(block.insns)
+        self.owner = None
+        self.execs = 0
+        self.memo_key = (block.eip, block.key, block.raw)
+
+
+class CodeCache:
+    def __init__(self, fetch, on_code_page=None, jit=None, batch=16, max_blocks=200_000):
+        """fetch(addr, n) -> bytes of executable guest memory; on_code_page(page) is
+        called when a page first holds translated code (so the memory can trap writes)."""
+        self.fetch = fetch
+        self.on_code_page = on_code_page or (lambda page: None)
+        self.jit = jit or shared_jit()
+        self.batch = batch
+        self.max_blocks = max_blocks
+        self.jmp_cache = (S.JmpCacheEntry * S.JMP_CACHE_SIZE)()
+        self.blocks = {}
+        self.by_page = defaultdict(set)
+        self.incoming = defaultdict(set)      # TB -> slot addresses linked to it
+        self.slot_target = {}                 # slot address -> TB
+        self.by_fn = {}
+        self.slot_owner = {}                  # slot address -> TB whose exit it is
+        self.counters = Counter()
+        self.compile_log = []                 # (time, blocks, seconds) per batch
+
+    @property
+    def jmp_cache_addr(self):
+        return ctypes.addressof(self.jmp_cache)
+
+    # ---- lookup -------------------------------------------------------------
+    def lookup(self, eip, key):
+        self.counters["lookups"] += 1
+        tb = self.blocks.get((eip, key))
+        if tb is None:
+            self.counters["misses"] += 1
+        else:
+            self.counters["hits"] += 1
+        return tb
+
+    def _jc_fill(self, tb):
+        h = (tb.eip ^ (tb.eip >> S.JMP_CACHE_BITS)) & (S.JMP_CACHE_SIZE - 1)
+        ent = self.jmp_cache[h]
+        ent.eip, ent.key, ent.fn = tb.eip, tb.key, tb.fn
+
+    def _jc_drop(self, tb):
+        h = (tb.eip ^ (tb.eip >> S.JMP_CACHE_BITS)) & (S.JMP_CACHE_SIZE - 1)
+        ent = self.jmp_cache[h]
+        if ent.fn == tb.fn:
+            ent.eip, ent.key, ent.fn = 1, 0xFFFFFFFF, 0
+
+    def get(self, eip, key):
+        """The block at (eip, key), translating (and batching its successors) on a miss.
+        Raises DecodeError/Unsupported when the first instruction cannot be translated."""
+        tb = self.lookup(eip, key)
+        if tb is None:
+            tb = self._translate(eip, key)
+        self._jc_fill(tb)
+        return tb
+
+    # ---- chaining -------------------------------------------------------------
+    def link(self, slot_addr, tb):
+        """Patch a direct exit of some block to jump straight into tb."""
+        if slot_addr not in self.slot_owner:
+            return
+        ctypes.c_uint64.from_address(slot_addr).value = tb.fn
+        self.slot_target[slot_addr] = tb
+        self.incoming[tb].add(slot_addr)
+        self.counters["chain_links"] += 1
+
+    def _unlink_slot(self, slot_addr):
+        tb = self.slot_target.pop(slot_addr, None)
+        ctypes.c_uint64.from_address(slot_addr).value = 0
+        if tb is not None:
+            self.incoming[tb].discard(slot_addr)
+            self.counters["chain_unlinks"] += 1
+
+    # ---- translation ------------------------------------------------------------
+    def _decode(self, eip, key):
+        return decode_block(self.fetch, eip, key, ends_block)
+
+    def _translate(self, eip, key):
+        t0 = time.perf_counter()
+        first = self._decode(eip, key)
+        if not first.insns:
+            raise DecodeError(first.stop_reason or "undecodable")
+        todo = deque([first])
+        seen = {eip}
+        mt = ModuleText(f"batch{self.jit.modules}")
+        pending = []
+        adopted = []
+        while todo and len(pending) + len(adopted) < self.batch:
+            blk = todo.popleft()
+            memo_key = (blk.eip, blk.key, blk.raw)
+            hit = _MEMO.get(memo_key)
+            if hit is not None:
+                adopted.append(hit)
+            else:
+                name = f"b{blk.eip:08x}_{blk.key:x}_{len(_MEMO) + len(pending)}"
+                try:
+                    blk2, slots = translate_block(blk, name, mt)
+                except Unsupported:
+                    if blk is first:
+                        raise
+                    continue
+                pending.append((blk2, name, slots))
+            for nxt in static_successors(blk):
+                if nxt not in seen and (nxt, key) not in self.blocks:
+                    seen.add(nxt)
+                    try:
+                        b = self._decode(nxt, key)
+                    except Exception:
+                        continue
+                    if b.insns:
+                        todo.append(b)
+        self.counters["translate_seconds_x1e6"] += int((time.perf_counter() - t0) * 1e6)
+        if pending:
+            t1 = time.perf_counter()
+            fns, slots = self.jit.compile(mt, [n for _, n, _ in pending])
+            dt = time.perf_counter() - t1
+            self.counters["compile_us"] += int(dt * 1e6)
+            self.counters["compiled_blocks"] += len(pending)
+            self.counters["batches"] += 1
+            self.compile_log.append((time.perf_counter(), len(pending), dt))
+            for blk, name, sl in pending:
+                tb = TB(blk, fns[name], [slots[s] for s in sl], name)
+                _MEMO[tb.memo_key] = tb
+                adopted.append(tb)
+        result = None
+        for tb in adopted:
+            if (tb.eip, tb.key) in self.blocks:
+                continue
+            if tb.owner is not None and tb.owner is not self:
+                tb.owner.forget(tb)
+            if tb.name not in [n for _, n, _ in pending]:
+                self.counters["memo_hits"] += 1
+            self._install(tb)
+            if tb.eip == eip:
+                result = tb
+        if result is None:
+            result = self.blocks[(eip, key)]
+        return result
+
+    def _install(self, tb):
+        if len(self.blocks) >= self.max_blocks:
+            self.flush("capacity")
+        tb.owner = self
+        for s in tb.slots:
+            ctypes.c_uint64.from_address(s).value = 0
+            self.slot_owner[s] = tb
+        self.blocks[(tb.eip, tb.key)] = tb
+        self.by_fn[tb.fn] = tb
+        for p in tb.pages:
+            if not self.by_page[p]:
+                self.on_code_page(p)
+            self.by_page[p].add(tb)
+
+    def forget(self, tb, cause=None):
+        """Remove tb: unlink every chain into and out of it and drop it from the jump cache."""
+        if self.blocks.get((tb.eip, tb.key)) is not tb:
+            return
+        del self.blocks[(tb.eip, tb.key)]
+        self.by_fn.pop(tb.fn, None)
+        self._jc_drop(tb)
+        for s in list(self.incoming.pop(tb, ())):
+            self._unlink_slot(s)
+        for s in tb.slots:
+            self._unlink_slot(s)
+            self.slot_owner.pop(s, None)
+        for p in tb.pages:
+            self.by_page[p].discard(tb)
+        tb.owner = None
+        if cause:
+            self.counters["invalidations"] += 1
+            self.counters["invalidations_" + cause] += 1
+
+    def invalidate_page(self, page, cause="smc"):
+        """Drop every block with bytes on a guest page; returns how many."""
+        tbs = list(self.by_page.get(page, ()))
+        for tb in tbs:
+            self.forget(tb, cause)
+        self.by_page.pop(page, None)
+        return len(tbs)
+
+    def has_code(self, page):
+        return bool(self.by_page.get(page))
+
+    def flush(self, cause="flush"):
+        for tb in list(self.blocks.values()):
+            self.forget(tb, cause)

@@ -1,0 +1,91 @@
+"""llvmlite engine: compiles batches of translated blocks (one LLVM module per batch)."""
+import threading
+import time
+
+import llvmlite.binding as llvm
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def _init():
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            _initialized = True
+
+
+class ModuleText:
+    """Accumulates the IR text of one batch: declarations, chain-slot globals, functions."""
+
+    def __init__(self, name):
+        self.name = name
+        self.decls = set()
+        self.slots = []
+        self.functions = []
+
+    def declare(self, line):
+        self.decls.add(line)
+
+    def new_slot(self, fname):
+        name = f"{fname}_x{len(self.slots)}"
+        self.slots.append(name)
+        return name
+
+    def text(self):
+        parts = [f"; ModuleID = '{self.name}'"]
+        parts += sorted(self.decls)
+        parts += [f"@{s} = global ptr null, align 8" for s in self.slots]
+        parts += self.functions
+        return "\n".join(parts) + "\n"
+
+
+class JIT:
+    """One MCJIT engine; every batch is added to it and stays alive (code is never freed,
+    so a block that invalidated itself can still run to its exit)."""
+
+    def __init__(self, opt=2):
+        _init()
+        self.opt = opt
+        target = llvm.Target.from_default_triple()
+        self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
+                                               features=llvm.get_host_cpu_features().flatten(),
+                                               opt=opt, jit=True)
+        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
+        self.modules = 0
+        self.compile_seconds = 0.0
+
+    def _optimize(self, mod):
+        if self.opt <= 0:
+            return
+        # A fresh PassBuilder per module: reusing one slows down steadily (llvmlite 0.50).
+        pto = llvm.create_pipeline_tuning_options(speed_level=self.opt)
+        pb = llvm.create_pass_builder(self.tm, pto)
+        pb.getModulePassManager().run(mod, pb)
+
+    def compile(self, mt, functions):
+        """Compile ModuleText mt; returns ({function: address}, {slot: address})."""
+        t0 = time.perf_counter()
+        mod = llvm.parse_assembly(mt.text())
+        mod.verify()
+        self._optimize(mod)
+        self.engine.add_module(mod)
+        self.engine.finalize_object()
+        fns = {f: self.engine.get_function_address(f) for f in functions}
+        slots = {s: self.engine.get_global_value_address(s) for s in mt.slots}
+        self.modules += 1
+        self.compile_seconds += time.perf_counter() - t0
+        return fns, slots
+
+
+_shared = None
+
+
+def shared_jit():
+    """The process-wide engine (LLVM's setup is paid once per process)."""
+    global _shared
+    if _shared is None:
+        _shared = JIT()
+    return _shared

@@ -1,0 +1,94 @@
+"""Control transfer: JMP Jcc CALL RET LOOP/LOOPE/LOOPNE JECXZ/JCXZ (near forms).
+
+Far transfers (ljmp, lcall, retf) are sensitive and live in system.py.
+"""
+from . import sem
+from .flagcalc import CONDITIONS, condition
+from ..decode import Reg
+
+ESP, ECX = 4, 1
+
+
+def _target_value(e, insn, op):
+    """Destination of an indirect transfer, zero-extended to 32 bits."""
+    return e.zext(e.read(op), "i32")
+
+
+def _direct(insn, op):
+    target = op.imm & 0xFFFFFFFF
+    return target & 0xFFFF if insn.opsize == 2 else target
+
+
+@sem("jmp", ends_block=True)
+def jmp(e, insn):
+    (op,) = insn.ops
+    if op.kind == "imm":
+        e.exit_direct(_direct(insn, op))
+    else:
+        e.exit_indirect(_target_value(e, insn, op))
+
+
+def _jcc(cc):
+    def fn(e, insn):
+        e.branch(condition(e, cc), _direct(insn, insn.ops[0]), insn.next)
+    return fn
+
+
+for _cc in CONDITIONS:
+    sem("j" + _cc, ends_block=True, flags_read="CF PF AF ZF SF OF")(_jcc(_cc))
+
+
+@sem("call", ends_block=True)
+def call(e, insn):
+    (op,) = insn.ops
+    ret = e.c(insn.next, f"i{insn.opsize * 8}")
+    if op.kind == "imm":
+        e.push(ret)
+        e.exit_direct(_direct(insn, op))
+    else:
+        target = _target_value(e, insn, op)     # read (and fault) before the push
+        e.push(ret)
+        e.exit_indirect(target)
+
+
+@sem("ret", ends_block=True)
+def ret(e, insn):
+    w = insn.opsize
+    target, esp = e.pop(w)
+    if insn.ops:
+        esp = e.add(esp, e.c(insn.ops[0].imm & 0xFFFF))
+    e.set_reg32(ESP, esp)
+    e.exit_indirect(e.zext(target, "i32"))
+
+
+def _counter(insn):
+    return Reg(ECX, 2 if insn.addrsize == 2 else 4)
+
+
+def _loop(extra):
+    def fn(e, insn):
+        r = _counter(insn)
+        cnt = e.sub(e.reg(r), e.c(1, f"i{r.width * 8}"))
+        e.set_reg(r, cnt)
+        cond = e.icmp("ne", cnt, e.c(0, cnt.t))
+        if extra == "e":
+            cond = e.and_(cond, e.flag("ZF"))
+        elif extra == "ne":
+            cond = e.and_(cond, e.xor(e.flag("ZF"), e.c(1, "i1")))
+        e.branch(cond, _direct(insn, insn.ops[0]), insn.next)
+    return fn
+
+
+sem("loop", ends_block=True)(_loop(""))
+sem("loope", ends_block=True, flags_read="ZF")(_loop("e"))
+sem("loopne", ends_block=True, flags_read="ZF")(_loop("ne"))
+
+
+def _jcxz(e, insn):
+    r = _counter(insn)
+    v = e.reg(r)
+    e.branch(e.icmp("eq", v, e.c(0, v.t)), _direct(insn, insn.ops[0]), insn.next)
+
+
+sem("jecxz", ends_block=True)(_jcxz)
+sem("jcxz", ends_block=True)(_jcxz)

@@ -1,0 +1,88 @@
+"""Flag instructions: CLC STC CMC CLD STD, PUSHF/POPF, and the NOP forms."""
+from . import sem
+from .. import state as S
+
+ESP = 4
+
+
+def _set(flag, value):
+    def fn(e, insn):
+        e.set_flag(flag, e.c(value, "i1") if value is not None else e.xor(e.flag(flag), e.c(1, "i1")))
+    return fn
+
+
+sem("clc", flags_written="CF")(_set("CF", 0))
+sem("stc", flags_written="CF")(_set("CF", 1))
+sem("cmc", flags_read="CF", flags_written="CF")(_set("CF", None))
+sem("cld", flags_written="DF")(_set("DF", 0))
+sem("std", flags_written="DF")(_set("DF", 1))
+
+
+@sem("nop")
+def nop(e, insn):
+    pass
+
+
+sem("pause")(nop)
+
+
+def eflags_value(e):
+    """The architectural EFLAGS image of the current SSA flags."""
+    v = e.eflags_other
+    for f, b in S.FLAG_BIT.items():
+        v = e.or_(v, e.shl(e.zext(e.flag(f), "i32"), e.c(b)))
+    return v
+
+
+def _pushf(e, insn):
+    v = e.and_(eflags_value(e), e.c(~((1 << S.VM) | (1 << S.RF))))
+    e.push(e.resize(v, f"i{insn.opsize * 8}"))
+
+
+def popf_mask(key, opsize):
+    """EFLAGS bits POPF may change at the key's CPL and IOPL (SDM Vol. 2B, POPF)."""
+    mask = S.STATUS_MASK | (1 << S.DF) | (1 << S.TF) | (1 << S.NT) | (1 << S.AC) | (1 << S.ID)
+    cpl, iopl = S.key_cpl(key), S.key_iopl(key)
+    if cpl <= iopl:
+        mask |= 1 << S.IF
+    if cpl == 0:
+        mask |= 3 << S.IOPL_SHIFT
+    return mask & (0xFFFF if opsize == 2 else 0xFFFFFFFF)
+
+
+def _popf(e, insn):
+    w = insn.opsize
+    v, esp = e.pop(w)
+    v = e.zext(v, "i32")
+    mask = popf_mask(e.key, w)
+    new = e.or_(e.and_(v, e.c(mask)), e.and_(eflags_value(e), e.c(~mask)))
+    e.set_reg32(ESP, esp)
+    for f, b in S.FLAG_BIT.items():
+        e.set_flag(f, e.bit(new, b))
+    keep = S.STATUS_MASK | (1 << S.DF)
+    e.set_eflags_other(e.or_(e.and_(new, e.c(~keep & ~(1 << S.RF))), e.c(S.EFLAGS_FIXED1)))
+
+
+def _system_mode(e):
+    return bool(e.key & S.KEY_PE) and S.key_cpl(e.key) < 3
+
+
+@sem("pushfd", callout="pushf", why="reads IF/IOPL: sensitive when the VMM virtualizes them",
+     does="translated inline from the virtual EFLAGS (no VMM round trip needed)")
+def pushf(e, insn):
+    _pushf(e, insn)
+
+
+sem("pushf")(pushf)
+
+
+@sem("popfd", callout="popf", ends_block=True,
+     why="may change IF/IOPL depending on CPL and IOPL (silently ignored otherwise)",
+     does="inline at CPL 3 (IF/IOPL masked); at CPL 0-2 ends the block so a newly enabled IF is seen")
+def popf(e, insn):
+    _popf(e, insn)
+    if _system_mode(e):
+        e.exit_code(S.EXIT_LOOKUP, e.c(insn.next))
+
+
+sem("popf")(popf)

@@ -1,0 +1,83 @@
+"""Sensitive and privileged instructions: translated into VMM callouts.
+
+Each registration names the callout, why the instruction cannot run as is
+(sensitive but unprivileged, or privileged) and what the VMM does with it.
+The translated code ends the block at the instruction with EXIT_CALLOUT; the
+runtime's handler (runtime/callouts.py) emulates it against the virtual CPU
+and resumes at the next instruction (or delivers an exception).
+"""
+from . import sem, CALLOUT_INFO
+
+SENSITIVE = "sensitive, unprivileged"
+PRIVILEGED = "privileged (CPL 0)"
+
+
+def _callout_fn(name):
+    def fn(e, insn):
+        from ..sensitive import callout_id
+        arg = None
+        if name == "int" and insn.ops:
+            arg = e.c(insn.ops[0].imm & 0xFF)
+        elif name == "int":
+            arg = e.c(3 if insn.mnemonic == "int3" else 4)
+        e.callout(callout_id(name), arg)
+    return fn
+
+
+def callout(name, *mnemonics, why, does, table_as=()):
+    """Register mnemonics as the callout `name`; table_as lists forms of instructions
+    registered elsewhere (e.g. MOV) that reach this callout."""
+    CALLOUT_INFO[name] = dict(why=why, does=does, mnemonics=mnemonics + tuple(table_as))
+    if mnemonics:
+        sem(*mnemonics, ends_block=True, callout=name, why=why, does=does)(_callout_fn(name))
+
+
+callout("hlt", "hlt", why=PRIVILEGED, does="halts until an interrupt (stops a snippet run); #GP at CPL>0")
+callout("int", "int", "int3", "into", "int1", why=SENSITIVE + ": vectors through the guest IDT",
+        does="delivers the software interrupt through the virtual IDT (user mode: a Linux syscall or signal)")
+callout("iret", "iret", "iretd", why=SENSITIVE + ": restores EFLAGS.IF/IOPL, CS and may change CPL",
+        does="returns from an interrupt against the virtual CPU state")
+callout("cpuid", "cpuid", why="sensitive: reveals the host CPU", does="reports btvm's virtual i686 CPU")
+callout("rdtsc", "rdtsc", why="sensitive: reads host time; #GP at CPL>0 with CR4.TSD",
+        does="reads the virtual time-stamp counter")
+callout("msr", "rdmsr", "wrmsr", "rdpmc", why=PRIVILEGED, does="reads or writes a virtual MSR (#GP if unknown)")
+callout("intflag", "cli", "sti", why="IOPL-sensitive: changes EFLAGS.IF",
+        does="updates the virtual IF (with the STI interrupt shadow) or raises #GP")
+callout("io", "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
+        why="IOPL/TSS-bitmap sensitive: touches I/O ports", does="reads or writes the virtual device on the port bus")
+callout("segload", "lds", "les", "lfs", "lgs", "lss", why=SENSITIVE + ": loads a segment descriptor",
+        does="loads the selector and its virtual descriptor cache with the protection checks")
+callout("farjump", "ljmp", "lcall", "retf", why=SENSITIVE + ": loads CS, may change CPL",
+        does="performs the far transfer against the virtual GDT/LDT")
+callout("descriptor", "lgdt", "lidt", "lldt", "ltr", "sgdt", "sidt", "sldt", "str", "smsw", "lmsw",
+        why="SGDT/SIDT/SLDT/SMSW/STR: sensitive (reveal host tables); the loads are privileged",
+        does="reads or writes the virtual descriptor-table registers and MSW")
+callout("segcheck", "lar", "lsl", "verr", "verw", why=SENSITIVE + ": inspect descriptors",
+        does="checks the selector against the virtual descriptor tables")
+callout("cache", "invlpg", "invd", "wbinvd", "clts", why=PRIVILEGED,
+        does="flushes the virtual TLB page / no-op for caches / clears CR0.TS")
+callout("sysenter", "sysenter", "sysexit", why=SENSITIVE + ": fast system call, changes CPL",
+        does="enters/leaves the kernel through the virtual SYSENTER MSRs")
+callout("movspecial", why="MOV to a segment register is sensitive; MOV CRn/DRn is privileged",
+        does="loads the segment or control/debug register of the virtual CPU (MOV from a segment "
+             "register reads the virtual selector inline)", table_as=("mov sreg", "mov crN/drN"))
+
+
+def mov_special(e, insn):
+    """MOV to a segment register or from/to CRn/DRn (MOV from a segment register is inline)."""
+    from ..sensitive import callout_id
+    dst, src = insn.ops
+    if src.kind == "seg" and dst.kind != "other":
+        e.write(dst, e.resize(e.read(src), f"i{dst.size * 8}"))
+        return
+    e.callout(callout_id("movspecial"))
+
+
+def pop_seg(e, insn):
+    from ..sensitive import callout_id
+    e.callout(callout_id("segload"))
+
+
+@sem("ud2")
+def ud2(e, insn):
+    e.raise_now(6)

@@ -1,0 +1,111 @@
+"""The guest CPU state: one C struct shared by translated code and the runtime.
+
+Translated blocks receive a pointer to this struct and nothing else; every
+runtime service they need (soft-MMU slow paths, the jump cache) is reached
+through pointers stored in it, so compiled code holds no process-specific
+addresses and can later be persisted on disk.
+"""
+import ctypes
+
+# General registers in x86 encoding order (ModRM reg field numbering).
+REG_NAMES = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
+ES, CS, SS, DS, FS, GS = range(6)
+
+# EFLAGS bits.
+CF, PF, AF, ZF, SF, TF, IF, DF, OF = 0, 2, 4, 6, 7, 8, 9, 10, 11
+IOPL_SHIFT, NT, RF, VM, AC, VIF, VIP, ID = 12, 14, 16, 17, 18, 19, 20, 21
+STATUS_FLAGS = ("CF", "PF", "AF", "ZF", "SF", "OF")
+FLAG_BIT = {"CF": CF, "PF": PF, "AF": AF, "ZF": ZF, "SF": SF, "OF": OF, "DF": DF}
+STATUS_MASK = sum(1 << FLAG_BIT[f] for f in STATUS_FLAGS)
+EFLAGS_FIXED1 = 0x2
+
+# Exit codes returned by a translated block (and by the native entry).
+EXIT_LOOKUP = 0      # eip holds the next guest pc; not in the jump cache / not chained
+EXIT_BUDGET = 1      # instruction budget ran out (time slice, max_instructions, interrupt request)
+EXIT_EXCEPTION = 2   # exc_vector / exc_error hold an architectural exception; eip at the faulting insn
+EXIT_CALLOUT = 3     # callout_id names a sensitive instruction for the VMM; eip at it, next_eip after it
+EXIT_HLT = 4         # HLT executed; eip after it
+EXIT_SMC = 5         # a store hit translated code; eip at the next instruction
+
+NO_ERROR_CODE = 0xFFFFFFFF
+
+TLB_BITS = 8
+TLB_SIZE = 1 << TLB_BITS
+TLB_INVALID = 1          # never equal to a page-aligned tag
+TLB_READ, TLB_WRITE = 0, 1
+TLB_KINDS = 2
+TLB_PRIVS = 2            # 0: supervisor (CPL 0-2), 1: user (CPL 3)
+
+JMP_CACHE_BITS = 12
+JMP_CACHE_SIZE = 1 << JMP_CACHE_BITS
+
+
+class TLBEntry(ctypes.Structure):
+    _fields_ = [("tag", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("addend", ctypes.c_uint64)]
+
+
+class JmpCacheEntry(ctypes.Structure):
+    _fields_ = [("eip", ctypes.c_uint32), ("key", ctypes.c_uint32), ("fn", ctypes.c_uint64)]
+
+
+class CPUState(ctypes.Structure):
+    """Field order is ABI: translated code addresses these fields by offset."""
+    _fields_ = [
+        ("regs", ctypes.c_uint32 * 8),
+        ("eip", ctypes.c_uint32),
+        ("eflags", ctypes.c_uint32),
+        ("seg_base", ctypes.c_uint32 * 6),
+        ("seg_sel", ctypes.c_uint16 * 6),
+        ("_pad0", ctypes.c_uint32),
+        ("budget", ctypes.c_int64),
+        ("exc_vector", ctypes.c_uint32),
+        ("exc_error", ctypes.c_uint32),
+        ("fault_addr", ctypes.c_uint32),   # CR2-to-be of a page fault
+        ("fault", ctypes.c_uint32),        # set by a slow path that raised an exception
+        ("smc", ctypes.c_uint32),          # set by a slow-path store that invalidated code
+        ("callout_id", ctypes.c_uint32),
+        ("callout_arg", ctypes.c_uint32),
+        ("next_eip", ctypes.c_uint32),
+        ("mode_key", ctypes.c_uint32),     # translation key of the current mode
+        ("_pad1", ctypes.c_uint32),
+        ("chain_from", ctypes.c_uint64),   # address of the exit slot that just missed (0: none)
+        ("load_slow", ctypes.c_uint64),    # u64 (state*, u32 addr, u32 size)
+        ("store_slow", ctypes.c_uint64),   # void (state*, u32 addr, u64 val, u32 size)
+        ("jmp_cache", ctypes.c_uint64),    # JmpCacheEntry[JMP_CACHE_SIZE]
+        ("scratch", ctypes.c_uint64 * 4),
+        ("tlb", TLBEntry * (TLB_PRIVS * TLB_KINDS * TLB_SIZE)),
+    ]
+
+
+def offset(name):
+    return getattr(CPUState, name).offset
+
+
+# Translation key: the mode bits that change how guest bytes translate.
+KEY_CS32 = 1 << 0        # CS.D: default operand/address size 32
+KEY_PE = 1 << 1
+KEY_PG = 1 << 2
+KEY_CPL_SHIFT = 3        # 2 bits
+KEY_FLAT = 1 << 5        # ES/CS/SS/DS bases are 0: skip adding them
+KEY_STEP = 1 << 6        # one instruction per block (exact budgets, single-stepping)
+KEY_IOPL_SHIFT = 7       # 2 bits: POPF/CLI/STI semantics depend on IOPL vs CPL
+
+
+def make_key(cs32=True, pe=True, pg=False, cpl=0, flat=True, step=False, iopl=0):
+    return ((KEY_CS32 if cs32 else 0) | (KEY_PE if pe else 0) | (KEY_PG if pg else 0)
+            | (cpl << KEY_CPL_SHIFT) | (KEY_FLAT if flat else 0) | (KEY_STEP if step else 0)
+            | (iopl << KEY_IOPL_SHIFT))
+
+
+def key_cpl(key):
+    return (key >> KEY_CPL_SHIFT) & 3
+
+
+def key_iopl(key):
+    return (key >> KEY_IOPL_SHIFT) & 3
+
+
+def tlb_index(priv, kind):
+    """First entry of the TLB for a privilege (0 sup, 1 user) and access kind."""
+    return (priv * TLB_KINDS + kind) * TLB_SIZE

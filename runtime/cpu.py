@@ -1,0 +1,335 @@
+"""The virtual CPU: state, soft-MMU slow paths, and the run loop around translated code.
+
+Translated code runs natively until a block exits with a reason the runtime
+must see (a code-cache miss, an exception, a callout, the end of the budget).
+The loop here handles those and re-enters native code through `btvm_enter`,
+a small dispatcher generated with llvmlite that probes the jump cache.
+"""
+import ctypes
+
+from bt import state as S
+from bt.cache import CodeCache
+from bt.decode import DecodeError, decode_block
+from bt.jit import ModuleText, shared_jit
+from bt.semantics import Unsupported, ends_block
+from bt.sensitive import callout_name
+
+from .memory import PAGE, R, W, X
+
+LOAD_SLOW = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+STORE_SLOW = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
+ENTER = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)
+
+PF, UD, GP = 14, 6, 13
+SLICE = 1 << 22
+
+_enter_fn = None
+
+
+def _native_enter():
+    """Compile (once per process) the native entry: jump-cache probe, then call the block."""
+    global _enter_fn
+    if _enter_fn is None:
+        o = S.offset
+        ir = f"""
+define i32 @btvm_enter(ptr %st) {{
+entry:
+  %eipp = getelementptr i8, ptr %st, i64 {o('eip')}
+  %eip = load i32, ptr %eipp
+  %keyp = getelementptr i8, ptr %st, i64 {o('mode_key')}
+  %key = load i32, ptr %keyp
+  %jcpp = getelementptr i8, ptr %st, i64 {o('jmp_cache')}
+  %jc = load ptr, ptr %jcpp
+  %s = lshr i32 %eip, {S.JMP_CACHE_BITS}
+  %x = xor i32 %eip, %s
+  %h = and i32 %x, {S.JMP_CACHE_SIZE - 1}
+  %h64 = zext i32 %h to i64
+  %off = shl i64 %h64, 4
+  %ent = getelementptr i8, ptr %jc, i64 %off
+  %tag = load i64, ptr %ent
+  %e64 = zext i32 %eip to i64
+  %k64 = zext i32 %key to i64
+  %kh = shl i64 %k64, 32
+  %want = or i64 %e64, %kh
+  %hit = icmp eq i64 %tag, %want
+  br i1 %hit, label %go, label %miss
+go:
+  %fpp = getelementptr i8, ptr %ent, i64 8
+  %fp = load ptr, ptr %fpp
+  %r = call i32 %fp(ptr %st)
+  ret i32 %r
+miss:
+  %cfp = getelementptr i8, ptr %st, i64 {o('chain_from')}
+  store i64 0, ptr %cfp
+  ret i32 {S.EXIT_LOOKUP}
+}}
+"""
+        mt = ModuleText("enter")
+        mt.functions.append(ir)
+        fns, _ = shared_jit().compile(mt, ["btvm_enter"])
+        _enter_fn = ENTER(fns["btvm_enter"])
+    return _enter_fn
+
+
+class Stop(Exception):
+    """Ends CPU.run: raised by callout and exception handlers."""
+
+    def __init__(self, reason, **info):
+        super().__init__(reason)
+        self.reason = reason
+        self.info = info
+
+
+class GuestFault(Exception):
+    """An architectural exception raised by the runtime (e.g. in a callout handler)."""
+
+    def __init__(self, vector, error=None, fault_addr=None):
+        super().__init__(vector)
+        self.vector, self.error, self.fault_addr = vector, error, fault_addr
+
+
+class CPU:
+    """A 32-bit x86 CPU over a GuestMemory, running translated code.
+
+    Machines customize it through `callouts` (callout name -> fn(cpu, insn)) and
+    `on_exception(cpu, vector, error, fault_addr)`, which either delivers the
+    exception to the guest (returns) or raises Stop.
+    """
+
+    def __init__(self, mem, key=None, trace_writes=False):
+        self.mem = mem
+        self.st = S.CPUState()
+        self.st_addr = ctypes.addressof(self.st)
+        self.key = key if key is not None else S.make_key()
+        self.st.mode_key = self.key
+        self.st.eflags = S.EFLAGS_FIXED1
+        self.trace_writes = trace_writes
+        self.written = set()
+        self._load_cb = LOAD_SLOW(self._load_slow)
+        self._store_cb = STORE_SLOW(self._store_slow)
+        self.st.load_slow = ctypes.cast(self._load_cb, ctypes.c_void_p).value
+        self.st.store_slow = ctypes.cast(self._store_cb, ctypes.c_void_p).value
+        self.cache = CodeCache(self._fetch, self._code_page)
+        self.st.jmp_cache = self.cache.jmp_cache_addr
+        self.tlb_flush()
+        self.callouts = {}
+        self.on_exception = None
+        self.icount = 0
+        self._enter = _native_enter()
+        self._pending_error = None
+
+    # ---- registers --------------------------------------------------------------
+    def reg(self, name):
+        if name in S.REG_NAMES:
+            return self.st.regs[S.REG_NAMES.index(name)]
+        if name in ("eip", "eflags"):
+            return getattr(self.st, name)
+        raise KeyError(name)
+
+    def set_reg(self, name, value):
+        value &= 0xFFFFFFFF
+        if name in S.REG_NAMES:
+            self.st.regs[S.REG_NAMES.index(name)] = value
+        elif name == "eip":
+            self.st.eip = value
+        elif name == "eflags":
+            self.st.eflags = (value | S.EFLAGS_FIXED1) & ~((1 << 3) | (1 << 5) | (1 << 15)) & 0x3F7FD7
+        else:
+            raise KeyError(name)
+
+    @property
+    def cpl(self):
+        return S.key_cpl(self.key)
+
+    def set_key(self, key):
+        if key != self.key:
+            self.key = key
+            self.st.mode_key = key
+
+    # ---- soft-MMU slow paths (called from translated code) --------------------------
+    def tlb_flush(self):
+        for e in self.st.tlb:
+            e.tag = S.TLB_INVALID
+
+    def tlb_flush_page(self, page):
+        i = (page >> 12) & (S.TLB_SIZE - 1)
+        for priv in range(S.TLB_PRIVS):
+            for kind in range(S.TLB_KINDS):
+                ent = self.st.tlb[S.tlb_index(priv, kind) + i]
+                if ent.tag == page:
+                    ent.tag = S.TLB_INVALID
+
+    def _tlb_fill(self, addr, kind):
+        page = addr & 0xFFFFF000
+        ent = self.st.tlb[S.tlb_index(1 if self.cpl == 3 else 0, kind) + ((addr >> 12) & (S.TLB_SIZE - 1))]
+        ent.tag = page
+        ent.addend = self.mem.base
+
+    def _fault(self, addr, write):
+        """Record a page fault for translated code to raise precisely."""
+        present = bool(self.mem.page_perm(addr) & R)
+        err = (1 if present else 0) | (2 if write else 0) | (4 if self.cpl == 3 else 0)
+        st = self.st
+        st.fault = 1
+        st.exc_vector = PF
+        st.exc_error = err
+        st.fault_addr = addr
+
+    def _load_slow(self, _st, addr, size):
+        try:
+            probe = size & 0x100
+            size &= 0xFF
+            need = W if probe else R
+            bad = self.mem.check(addr, size, need)
+            if bad is not None:
+                self._fault(bad, bool(probe))
+                return 0
+            if probe:
+                return 0
+            if (addr & 0xFFF) + size <= PAGE:
+                self._tlb_fill(addr, S.TLB_READ)
+            return int.from_bytes(self.mem.read(addr, size), "little")
+        except BaseException as exc:      # never let an exception unwind into native code
+            self._pending_error = exc
+            self.st.fault = 1
+            self.st.exc_vector = 0xFFFF
+            return 0
+
+    def _store_slow(self, _st, addr, value, size):
+        try:
+            bad = self.mem.check(addr, size, W)
+            if bad is not None:
+                self._fault(bad, True)
+                return
+            first, last = addr & 0xFFFFF000, (addr + size - 1) & 0xFFFFF000
+            for page in {first, last}:
+                if self.cache.has_code(page):
+                    self.cache.invalidate_page(page, "smc")
+                    self.st.smc = 1
+            self.mem.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            if self.trace_writes:
+                self.written.update((addr + i) & 0xFFFFFFFF for i in range(size))
+            elif first == last and not self.cache.has_code(first):
+                self._tlb_fill(addr, S.TLB_WRITE)
+        except BaseException as exc:
+            self._pending_error = exc
+            self.st.fault = 1
+            self.st.exc_vector = 0xFFFF
+
+    def _code_page(self, page):
+        """A page now holds translated code: writes to it must take the slow path."""
+        self.tlb_flush_page(page)
+
+    def _fetch(self, addr, n):
+        out = bytearray()
+        a = addr
+        while len(out) < n:
+            if not self.mem.page_perm(a) & X:
+                break
+            chunk = min(n - len(out), PAGE - (a & (PAGE - 1)))
+            out += self.mem.read(a, chunk)
+            a = (a + chunk) & 0xFFFFFFFF
+        return bytes(out)
+
+    # ---- the run loop ---------------------------------------------------------------
+    def insn_at(self, eip):
+        """The decoded instruction at eip (for callout handlers)."""
+        blk = decode_block(self._fetch, eip, self.key | S.KEY_STEP, ends_block)
+        if not blk.insns:
+            raise GuestFault(UD)
+        return blk.insns[0]
+
+    def raise_exception(self, vector, error=None, fault_addr=None):
+        """Hand an architectural exception (eip at the faulting instruction) to the machine."""
+        if self.on_exception is None:
+            raise Stop("exception", vector=vector, error=error, fault_addr=fault_addr)
+        self.on_exception(self, vector, error, fault_addr)
+
+    def _miss(self):
+        st = self.st
+        eip = st.eip
+        try:
+            tb = self.cache.get(eip, self.key)
+        except DecodeError:
+            bad = self.mem.check(eip, 16, X)
+            if bad is not None and (bad == eip or self._cut_by(eip, bad)):
+                self.st.fault_addr = bad
+                self.raise_exception(PF, (1 if self.mem.page_perm(bad) & R else 0) | (4 if self.cpl == 3 else 0), bad)
+            else:
+                self.raise_exception(UD)
+            return
+        except Unsupported as exc:
+            raise Stop("unsupported", message=str(exc), eip=eip)
+        if st.chain_from:
+            if tb.key == self.key:
+                self.cache.link(st.chain_from, tb)
+            st.chain_from = 0
+
+    def _cut_by(self, eip, bad):
+        data = self._fetch(eip, bad - eip)
+        blk = decode_block(lambda a, n: data[a - eip:a - eip + n], eip, self.key | S.KEY_STEP, ends_block)
+        return not blk.insns
+
+    def run(self, max_instructions=None):
+        """Run until a handler raises Stop or max_instructions have executed; returns the Stop."""
+        st = self.st
+        remaining = max_instructions
+        stepping = False
+        while True:
+            if remaining is not None and remaining <= 0:
+                return Stop("max_instructions")
+            budget = SLICE if remaining is None else min(SLICE, remaining)
+            st.budget = budget
+            try:
+                rc = self._enter(self.st_addr)
+                done = budget - st.budget
+                self.icount += done
+                if remaining is not None:
+                    remaining -= done
+                if self._pending_error is not None:
+                    err, self._pending_error = self._pending_error, None
+                    raise err
+                if rc == S.EXIT_LOOKUP:
+                    self._miss()
+                elif rc == S.EXIT_BUDGET:
+                    if remaining is not None and 0 < remaining and done == 0 and not stepping:
+                        # The next block is longer than what is left: finish one instruction at a time.
+                        stepping = True
+                        self.set_key(self.key | S.KEY_STEP)
+                elif rc == S.EXIT_EXCEPTION:
+                    vector, err = st.exc_vector, st.exc_error
+                    st.fault = 0
+                    self.raise_exception(vector, None if err == S.NO_ERROR_CODE else err,
+                                         st.fault_addr if vector == PF else None)
+                elif rc == S.EXIT_CALLOUT:
+                    try:
+                        self._callout()
+                    except Stop as stop:
+                        if stop.reason == "hlt":
+                            self.icount += 1
+                            remaining = None if remaining is None else remaining - 1
+                        raise
+                    # The handler executed the instruction (it raised otherwise): count it.
+                    self.icount += 1
+                    remaining = None if remaining is None else remaining - 1
+                elif rc == S.EXIT_SMC:
+                    st.smc = 0
+                elif rc == S.EXIT_HLT:
+                    raise Stop("hlt")
+            except GuestFault as f:
+                self.raise_exception(f.vector, f.error, f.fault_addr)
+            except Stop as s:
+                if stepping:
+                    self.set_key(self.key & ~S.KEY_STEP)
+                return s
+            if stepping and (remaining is None or remaining <= 0):
+                stepping = False
+                self.set_key(self.key & ~S.KEY_STEP)
+
+    def _callout(self):
+        st = self.st
+        name = callout_name(st.callout_id)
+        handler = self.callouts.get(name)
+        if handler is None:
+            raise Stop("unsupported", message=f"callout '{name}' has no handler in this machine", eip=st.eip)
+        handler(self, self.insn_at(st.eip))
