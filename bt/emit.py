@@ -198,10 +198,12 @@ class Emitter:
             self.store_field(offset("eflags"), ef)
 
     def flush(self):
-        """Write every modified register and flag back to the state."""
+        """Write every modified register and flag back to the state.
+
+        Exits on side paths flush too, so the dirty sets are kept: code after
+        a side exit still owes the same stores.  Only reload() resets them."""
         self._store_values(self.regs, self.flags, self.eflags_other,
                            self.dirty_regs, self.dirty_flags, self.dirty_other)
-        self.dirty_regs, self.dirty_flags, self.dirty_other = set(), set(), False
 
     # ---- instruction bracketing -------------------------------------------
     def begin_insn(self, k, insn):
