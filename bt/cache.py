@@ -36,13 +36,14 @@ class TB:
 
 
 class CodeCache:
-    def __init__(self, fetch, on_code_page=None, jit=None, batch=16, max_blocks=200_000):
+    def __init__(self, fetch, on_code_page=None, jit=None, batch=16, batch_insns=256, max_blocks=200_000):
         """fetch(addr, n) -> bytes of executable guest memory; on_code_page(page) is
         called when a page first holds translated code (so the memory can trap writes)."""
         self.fetch = fetch
         self.on_code_page = on_code_page or (lambda page: None)
         self.jit = jit or shared_jit()
         self.batch = batch
+        self.batch_insns = batch_insns
         self.max_blocks = max_blocks
         self.jmp_cache = (S.JmpCacheEntry * S.JMP_CACHE_SIZE)()
         self.blocks = {}
@@ -119,8 +120,10 @@ class CodeCache:
         mt = ModuleText(f"batch{self.jit.modules}")
         pending = []
         adopted = []
-        while todo and len(pending) + len(adopted) < self.batch:
+        insns = 0
+        while todo and len(pending) + len(adopted) < self.batch and insns < self.batch_insns:
             blk = todo.popleft()
+            insns += len(blk.insns)
             memo_key = (blk.eip, blk.key, blk.raw)
             hit = _MEMO.get(memo_key)
             if hit is not None:

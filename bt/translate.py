@@ -76,7 +76,8 @@ def static_successors(block):
     out = []
     groups = set(last.groups)
     if info.callout:
-        return [last.next]
+        # Execution continues after most callouts (INT 0x80, CPUID, I/O), not after these.
+        return [] if info.callout in ("hlt", "iret", "farjump", "sysenter") else [last.next]
     if last.ops and last.ops[0].kind == "imm" and (1 in groups or 2 in groups or 7 in groups):
         target = last.ops[0].imm & (0xFFFF if last.opsize == 2 else 0xFFFFFFFF)
         out.append(target)
