@@ -1,0 +1,153 @@
+"""Behaviour of the core translator beyond single instructions: self-modifying code,
+precise exceptions, exact instruction budgets, chaining and the code-cache counters."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runtime.snippet import Snippet, run_case, CaseError
+from tests.helpers import asm, make_case, oracle_mismatches, CODE
+
+
+def test_block_rewrites_its_own_later_instruction():
+    # mov byte [imm8 of the next instruction], 0x42 ; mov al, 0 ; hlt  -- one block
+    code = bytearray(asm("mov byte ptr [0x1008], 0x42; mov al, 0; hlt"))
+    assert code[7] == 0xB0 and len(code) == 10
+    case = make_case(bytes(code))
+    r = run_case(case)
+    assert r["final"]["regs"]["eax"] & 0xFF == 0x42
+    assert oracle_mismatches(case, r) == []
+
+
+def test_rep_stos_overwrites_code_ahead_in_the_same_block():
+    # rep stosb fills the following 'mov eax, 1' (B8 01 00 00 00) with NOPs (0x90).
+    code = asm("mov edi, 0x100e; mov ecx, 5; mov al, 0x90; rep stosb; mov eax, 1; hlt")
+    assert code[0xe:0x13] == bytes.fromhex("b801000000")
+    case = make_case(code)
+    r = run_case(case)
+    assert r["final"]["regs"]["eax"] == 0x90
+    assert oracle_mismatches(case, r) == []
+
+
+def test_loop_patches_a_translated_block():
+    # A loop calls a function, then patches its immediate; the next call must see the new code.
+    src = """
+        mov ecx, 3
+    top:
+        call 0x1100
+        add ebx, eax
+        inc byte ptr [0x1101]
+        loop top
+        hlt
+    """
+    code = bytearray(asm(src))
+    fn = asm("mov eax, 5; ret", 0x1100)
+    blob = bytes(code) + bytes(0x100 - len(code)) + fn
+    case = make_case(blob)
+    r = run_case(case)
+    assert r["final"]["regs"]["ebx"] == 5 + 6 + 7
+    assert oracle_mismatches(case, r) == []
+
+
+def test_divide_error_is_precise():
+    code = asm("mov eax, 7; push eax; mov edx, 0; mov ebx, 0; div ebx; mov eax, 9; hlt")
+    r = run_case(make_case(code))
+    assert r["exception"] == {"vector": 0, "error_code": None}
+    regs = r["final"]["regs"]
+    assert regs["eip"] == CODE + len(asm("mov eax, 7; push eax; mov edx, 0; mov ebx, 0"))
+    assert regs["eax"] == 7 and regs["esp"] == 0x9000 - 4
+
+
+def test_ud2_and_undecodable_bytes_raise_ud():
+    r = run_case(make_case(asm("inc eax; ud2")))
+    assert r["exception"]["vector"] == 6 and r["final"]["regs"]["eip"] == CODE + 1
+    assert r["final"]["regs"]["eax"] == 1
+    r = run_case(make_case(asm("inc eax") + bytes.fromhex("0f0b") + b"\xf4"))
+    assert r["exception"]["vector"] == 6
+    # LOCK on a register destination is #UD too.
+    r = run_case(make_case(bytes.fromhex("f001d8f4")))
+    assert r["exception"]["vector"] == 6 and r["final"]["regs"]["eip"] == CODE
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 17, 40])
+def test_max_instructions_is_exact(n):
+    code = asm("l: inc eax; inc ebx; inc ecx; jmp l")
+    r = run_case(make_case(code, max_instructions=n))
+    assert r["instructions"] == n
+    regs = r["final"]["regs"]
+    assert regs["eax"] + regs["ebx"] + regs["ecx"] == n - n // 4
+
+
+def test_rep_iterations_count_and_resume_exactly():
+    code = asm("mov ecx, 10; mov edi, 0x2000; rep stosb; hlt")
+    r = run_case(make_case(code, max_instructions=5))
+    regs = r["final"]["regs"]
+    assert r["instructions"] == 5
+    assert regs["ecx"] == 7 and regs["edi"] == 0x2003 and regs["eip"] == CODE + 10
+
+
+def test_infinite_loop_is_bounded():
+    r = run_case(make_case(asm("l: jmp l"), max_instructions=2_000_000))
+    assert r["instructions"] == 2_000_000 and r["exception"] is None
+
+
+def test_chaining_and_cache_counters():
+    sn = Snippet(trace_writes=False)
+    try:
+        code = asm("mov ecx, 1000; l: add eax, ecx; dec ecx; jnz l; hlt")
+        sn.mem.write(CODE, code)
+        sn.cpu.set_reg("eip", CODE)
+        sn.cpu.set_reg("esp", 0x9000)
+        stop = sn.cpu.run(100000)
+        assert stop.reason == "hlt"
+        assert sn.cpu.reg("eax") == sum(range(1, 1001))
+        c = sn.cpu.cache.counters
+        assert c["chain_links"] >= 1
+        # The loop ran natively through its chain: far fewer lookups than iterations.
+        assert c["lookups"] < 20
+    finally:
+        sn.close()
+
+
+def _btvm(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, input=stdin)
+
+
+def test_exec_cli_output_format(tmp_path):
+    case = make_case(asm("add eax, ebx; hlt"), regs={"eax": 5, "ebx": 7})
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(case))
+    out = _btvm("exec", str(p))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert set(res) == {"final", "exception", "instructions"}
+    assert res["final"]["regs"]["eax"] == 12 and res["instructions"] == 2
+    assert [a for a, _ in res["final"]["ram"]] == sorted(a for a, _ in case["initial"]["ram"])
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("{not json", "malformed JSON"),
+    ('{"mode": 32, "initial": {"regs": {"eax": 1, "rax": 2}}}', "unknown register"),
+    ('{"mode": 32, "initial": {"regs": {"eax": 4294967296}}}', "0..0xffffffff"),
+    ('{"mode": 32, "initial": {"regs": {}, "ram": [[1, 256]]}}', "byte out of range"),
+    ('{"mode": 16, "initial": {}}', "mode"),
+    ('[]', "JSON object"),
+])
+def test_exec_cli_bad_input(tmp_path, content, msg):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    out = _btvm("exec", str(p))
+    assert out.returncode != 0
+    assert msg in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_exec_cli_missing_file():
+    out = _btvm("exec", "/nonexistent/case.json")
+    assert out.returncode != 0 and "no such file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_case_error_api():
+    with pytest.raises(CaseError):
+        run_case({"mode": 32})
