@@ -153,7 +153,8 @@ def normalize(ci, bits=32):
         if o.type == X.X86_OP_REG:
             ops.append(_reg_operand(o.reg, o.size))
         elif o.type == X.X86_OP_IMM:
-            ops.append(Op("imm", o.size, imm=o.imm))
+            # Capstone reports size 0 for the implicit count of the D0/D1 shift forms.
+            ops.append(Op("imm", o.size or 1, imm=o.imm))
         elif o.type == X.X86_OP_MEM:
             ops.append(Op("mem", o.size, mem=_mem_operand(o.mem, o.size, addrsize, seg_override)))
         else:
