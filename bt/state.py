@@ -49,6 +49,20 @@ class JmpCacheEntry(ctypes.Structure):
     _fields_ = [("eip", ctypes.c_uint32), ("key", ctypes.c_uint32), ("fn", ctypes.c_uint64)]
 
 
+FPU_IMAGE = 108          # FNSAVE image size (32-bit format)
+FPU_SLOT = 112
+FPU_CW, FPU_SW, FPU_TW, FPU_FIP, FPU_FCS, FPU_FDP, FPU_FDS, FPU_ST0 = 0, 4, 8, 12, 16, 20, 24, 28
+FPU_INIT_CW = 0x037F
+
+
+def fpu_reset(st):
+    """FNINIT state: FCW 0x037F, FSW 0, all registers empty (FTW 0xFFFF), pointers 0."""
+    ctypes.memset(ctypes.addressof(st) + CPUState.fpu.offset, 0, FPU_SLOT)
+    img = st.fpu
+    img[FPU_CW], img[FPU_CW + 1] = FPU_INIT_CW & 0xFF, FPU_INIT_CW >> 8
+    img[FPU_TW], img[FPU_TW + 1] = 0xFF, 0xFF
+
+
 class CPUState(ctypes.Structure):
     """Field order is ABI: translated code addresses these fields by offset."""
     _fields_ = [
@@ -75,7 +89,21 @@ class CPUState(ctypes.Structure):
         ("jmp_cache", ctypes.c_uint64),    # JmpCacheEntry[JMP_CACHE_SIZE]
         ("scratch", ctypes.c_uint64 * 4),
         ("tlb", TLBEntry * (TLB_PRIVS * TLB_KINDS * TLB_SIZE)),
+        # ---- x87 FPU (bt/semantics/x87.py) ----
+        # The guest FPU state is kept as an FNSAVE image in the 32-bit protected-mode
+        # layout (108 bytes: FCW FSW FTW FIP FCS|FOP FDP FDS, then ST(0)..ST(7) as
+        # 10-byte values), exactly as the hardware writes it.
+        ("fpu", ctypes.c_uint8 * FPU_SLOT),
+        ("fpu_new", ctypes.c_uint8 * FPU_SLOT),    # scratch: image after one instruction
+        ("fpu_buf", ctypes.c_uint8 * FPU_SLOT),    # scratch: an instruction's memory operand
+        ("fpu_hostcw", ctypes.c_uint16),           # scratch: host control word while a guest insn runs
+        ("fpu_eflags", ctypes.c_uint8),            # scratch: SF ZF AF PF CF in/out (FCMOVcc, FCOMI)
+        ("_fpu_pad", ctypes.c_uint8 * 5),
     ]
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        fpu_reset(self)
 
 
 def offset(name):

@@ -30,6 +30,55 @@ def _cmd_callouts(args):
     return 0
 
 
+def _cmd_run(args):
+    import os
+    import signal
+    from .linux_user.elf import ElfError
+    from .linux_user.process import run_program
+    if not args.program:
+        print("btvm run: missing PROGRAM", file=sys.stderr)
+        return 2
+    prog, *rest = args.program
+    if rest[:1] == ["--"] and prog != "--":
+        pass
+    if prog == "--":
+        if not rest:
+            print("btvm run: missing PROGRAM", file=sys.stderr)
+            return 2
+        prog, *rest = rest
+    env = {} if args.clean_env else dict(os.environ)
+    for item in args.env:
+        if "=" not in item:
+            print(f"btvm run: -E expects VAR=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        k, v = item.split("=", 1)
+        env[k] = v
+    path = prog
+    if "/" not in prog and not os.path.exists(prog):
+        for d in os.environ.get("PATH", "").split(os.pathsep):
+            cand = os.path.join(d or ".", prog)
+            if os.path.isfile(cand):
+                path = cand
+                break
+    try:
+        status = run_program(path, [prog] + rest, [f"{k}={v}" for k, v in env.items()], strace=args.strace)
+    except ElfError as exc:
+        print(f"btvm: {exc}", file=sys.stderr)
+        return exc.status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status < 0:
+        sig = -status
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+            os.kill(os.getpid(), sig)
+        except (OSError, ValueError):
+            pass
+        return 128 + sig
+    return status
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="btvm", description="Binary-translation virtual machine for x86 guests.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -39,6 +88,14 @@ def build_parser():
     co = sub.add_parser("callouts", help="print the table of sensitive/privileged instructions and their callouts")
     co.add_argument("--json", action="store_true", help="machine-readable output")
     co.set_defaults(fn=_cmd_callouts)
+    rn = sub.add_parser("run", help="run a static i386 Linux program (user mode)",
+                        usage="btvm run [--strace] [--clean-env] [-E VAR=VALUE]... [--] PROGRAM [ARGS...]")
+    rn.add_argument("--strace", action="store_true", help="print each system call to stderr")
+    rn.add_argument("-E", dest="env", action="append", default=[], metavar="VAR=VALUE",
+                    help="set an environment variable for the program (repeatable)")
+    rn.add_argument("--clean-env", action="store_true", help="start from an empty environment")
+    rn.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM ARGS")
+    rn.set_defaults(fn=_cmd_run)
     return p
 
 

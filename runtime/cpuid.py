@@ -5,6 +5,7 @@ SIGNATURE = (6 << 8) | (1 << 4) | 1   # family 6 (i686), model 1, stepping 1
 
 # EDX feature bits of leaf 1 that the translator implements.
 FEATURES_EDX = {
+    "fpu": 0,       # x87 FPU (FCMOVcc is covered by "cmov")
     "tsc": 4,       # RDTSC
     "cx8": 8,       # CMPXCHG8B
     "cmov": 15,     # CMOVcc

@@ -186,7 +186,13 @@ def gen_sequence(rng: random.Random, mixed: bool):
     g = SeqGen(rng)
     out, pending, n, labno = [], [], 0, 0
     while n < SEQ_LEN:
-        items = g.undefined() if mixed and rng.random() < 0.45 else g.defined()
+        undefined = mixed and rng.random() < 0.45
+        items = g.undefined() if undefined else g.defined()
+        if undefined:
+            # Flags the SDM leaves undefined must not flow into later results (SBB, SETcc,
+            # CMOVcc, PUSHFD, DAA ... would copy them into registers or memory, where no
+            # mask can follow them): redefine all six with a CMP that changes no register.
+            items = list(items) + [f"cmp {rng.choice(('eax', 'ebx', 'ecx', 'edx'))}, {rng.choice(('eax', 'ebx', 'edx'))}"]
         # a group of lines is atomic: labels are only placed between groups,
         # so no branch enters a macro (e.g. skips its "mov ecx, k")
         for it in items:

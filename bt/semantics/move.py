@@ -60,8 +60,10 @@ def cmpxchg(e, insn):
     new = e.read(src)
     eq = e.icmp("eq", a, old)
     # Memory is always written (the old value when the compare fails), as on hardware.
-    e.write(dst, e.select(eq, new, old), addr)
+    # The accumulator is written only when the compare fails; DEST last, so that
+    # CMPXCHG EAX, r with equal values leaves EAX = r (SDM CMPXCHG).
     e.set_reg(acc, e.select(eq, a, old))
+    e.write(dst, e.select(eq, new, old), addr)
     sub_flags(e, a, old, e.sub(a, old))
 
 
