@@ -46,13 +46,14 @@ class JIT:
     """One MCJIT engine; every batch is added to it and stays alive (code is never freed,
     so a block that invalidated itself can still run to its exit)."""
 
-    def __init__(self, opt=2):
+    def __init__(self, opt=2, codegen_opt=None):
         _init()
         self.opt = opt
         target = llvm.Target.from_default_triple()
         self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
                                                features=llvm.get_host_cpu_features().flatten(),
-                                               opt=opt, jit=True)
+                                               opt=opt if codegen_opt is None else codegen_opt,
+                                               jit=True)
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
         self.modules = 0
         self.compile_seconds = 0.0
@@ -83,9 +84,17 @@ class JIT:
 _shared = None
 
 
+DEFAULT_OPT = 0
+
+
 def shared_jit():
-    """The process-wide engine (LLVM's setup is paid once per process)."""
+    """The process-wide engine (LLVM's setup is paid once per process).
+
+    BTVM_OPT picks the LLVM optimization level (0-3): cold code is dominated by
+    compile time, so the default is 0 (LLVM at -O1 or above costs 3-6x more per block) until a cheaper first tier and an optimizing tier exist."""
     global _shared
     if _shared is None:
-        _shared = JIT()
+        import os
+        cg = os.environ.get("BTVM_CODEGEN_OPT")
+        _shared = JIT(opt=int(os.environ.get("BTVM_OPT", DEFAULT_OPT)), codegen_opt=None if cg is None else int(cg))
     return _shared

@@ -422,10 +422,6 @@ def run_program(path, argv, env, strace=False):
     except (ValueError, OSError):
         pass
     hostsig.signal(hostsig.SIGINT, hostsig.SIG_DFL)
-    from bt import jit
-    if jit._shared is None:
-        # Startup code dominates short runs and LLVM's optimizer is most of the translation time.
-        jit._shared = jit.JIT(opt=int(os.environ.get("BTVM_OPT", "0")))
     m = Machine(path, argv, env, strace)
     while True:
         try:
