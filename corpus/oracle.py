@@ -331,13 +331,21 @@ def run_unicorn(case, strict: bool = True):
         # inside a translation block in some cases (e.g. CMP followed by LOOPNE leaves
         # a wrong CF; checked against the host CPU), but is exact at block boundaries.
         # Unicorn stops after executing HLT, with EIP = address after it.
+        # A store into the instruction's own translation block makes Unicorn re-run it
+        # without advancing under count=1: from there on, run without stepping.
         pc = start
-        for _ in range(case.get("max_instructions", 1000) + 1):
+        budget = case.get("max_instructions", 1000) + 1
+        while budget > 0:
             uc.emu_start(pc, 0xFFFFFFFF, count=1)
-            pc = uc.reg_read(_uc_reg("eip"))
+            budget -= 1
+            new_pc = uc.reg_read(_uc_reg("eip"))
             last = state["last"]
-            if bad or state["intr"] is not None or (last is not None and last[1] == "hlt" and pc == last[0] + 1):
+            if bad or state["intr"] is not None or (last is not None and last[1] == "hlt" and new_pc == last[0] + 1):
                 break
+            if new_pc == pc and last is not None and last[0] == pc and not last[1].startswith(("rep", "jmp", "loop")):
+                uc.emu_start(new_pc, 0xFFFFFFFF, count=budget)
+                break
+            pc = new_pc
     except UcError as e:
         if e.errno == UC_ERR_INSN_INVALID:
             exception = {"vector": VEC_UD, "error_code": None}

@@ -52,3 +52,9 @@ def _scan(reverse):
 _SCAN_META = dict(flags_written="ZF", undefined_flags="CF OF SF AF PF")
 sem("bsf", **_SCAN_META)(_scan(False))
 sem("bsr", **_SCAN_META)(_scan(True))
+
+
+# TZCNT/LZCNT (F3 0F BC/BD) execute as BSF/BSR on a CPU without BMI1/LZCNT, which is
+# the CPU btvm's CPUID reports: glibc's string functions rely on that.
+sem("tzcnt", **_SCAN_META)(_scan(False))
+sem("lzcnt", **_SCAN_META)(_scan(True))

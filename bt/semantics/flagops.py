@@ -24,6 +24,7 @@ def nop(e, insn):
 
 
 sem("pause")(nop)
+sem("endbr32")(nop)   # a hint NOP on CPUs without CET (Debian's glibc starts functions with it)
 
 
 def eflags_value(e):

@@ -6,7 +6,6 @@ static i386 program replaces the machine inside the same host process.
 """
 import errno as E
 import os
-import re
 import resource
 import signal as hostsig
 import sys
@@ -27,7 +26,6 @@ TRAMPOLINE = 0xFFFFE000
 TRAMPOLINE_CODE = bytes.fromhex("58b877000000cd80") + bytes.fromhex("b8ad000000cd80")
 ARG_REGS = ("ebx", "ecx", "edx", "esi", "edi", "ebp")
 _WARNED = set()
-ENDBR32, NOP4 = bytes.fromhex("f30f1efb"), bytes.fromhex("0f1f4000")
 
 
 class Machine:
@@ -350,33 +348,6 @@ class Machine:
             sig, info = sg.SIGSEGV, (sg.SI_KERNEL, 0)
         self.force_signal(sig, info, (vector, err, fault_addr or 0))
 
-    def _patch_endbr(self, stop):
-        """Instructions the translator lacks but whose encoding runs as something simpler on the
-        i686 that CPUID reports: ENDBR32 is a NOP without CET, and TZCNT/LZCNT (F3 0F BC/BD) run as
-        BSF/BSR without BMI1/ABM.  Patch the executed instance in guest memory and go on."""
-        msg = str(stop.info.get("message", ""))
-        mt = re.search(r"'(endbr32|tzcnt|lzcnt)[^']*' \(([0-9a-f]+)\) at (0x[0-9a-fA-F]+)", msg)
-        if not mt:
-            return False
-        mnem, raw, addr = mt.group(1), bytes.fromhex(mt.group(2)), int(mt.group(3), 16)
-        if self.mem.read(addr, len(raw)) != raw:
-            return False
-        if mnem == "endbr32":
-            if raw != ENDBR32:
-                return False
-            new = NOP4
-        else:
-            i = raw.find(b"\xf3\x0f")
-            if i < 0:
-                return False
-            segs = [b for b in raw[:i] if b in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65)]
-            new = raw[:i] + bytes([segs[-1] if segs else 0x3E]) + raw[i + 1:]
-        self.mem.write(addr, new)
-        for page in {addr & ~(PAGE - 1), (addr + len(raw) - 1) & ~(PAGE - 1)}:
-            if self.cpu.cache.has_code(page):
-                self.cpu.cache.invalidate_page(page, "smc")
-        return True
-
     # ---- running ------------------------------------------------------------------------------------
     def run(self):
         while True:
@@ -394,8 +365,6 @@ class Machine:
                     continue
                 except Stop as s:
                     stop = s
-            if stop.reason == "unsupported" and self._patch_endbr(stop):
-                continue
             return stop
 
 
