@@ -79,6 +79,46 @@ def _cmd_run(args):
     return status
 
 
+def _cmd_boot(args):
+    from runtime.boot.multiboot import BootError, find_header
+    from runtime.system.machine import Machine
+    if args.kernel is None:
+        from runtime.boot.demo import image
+        kernel = image()
+    else:
+        try:
+            with open(args.kernel, "rb") as f:
+                kernel = f.read()
+        except OSError as exc:
+            print(f"btvm boot: {args.kernel}: {exc.strerror.lower() if exc.strerror else exc}", file=sys.stderr)
+            return 1
+        if find_header(kernel) is None:
+            if kernel[0x202:0x206] == b"HdrS":
+                print(f"btvm boot: {args.kernel}: a Linux bzImage; the Linux boot protocol is not implemented yet "
+                      "(only Multiboot kernels boot)", file=sys.stderr)
+            else:
+                print(f"btvm boot: {args.kernel}: not a Multiboot kernel", file=sys.stderr)
+            return 1
+    if args.initrd is not None:
+        print("btvm boot: -initrd needs the Linux boot protocol, which is not implemented yet", file=sys.stderr)
+        return 1
+    if not 2 <= args.m <= 3072:
+        print(f"btvm boot: -m {args.m}: guest RAM must be between 2 and 3072 MiB", file=sys.stderr)
+        return 1
+    m = Machine(ram_mb=args.m, icount=args.icount)
+    try:
+        m.load_multiboot(kernel, args.append or "")
+        result = m.run()
+    except BootError as exc:
+        print(f"btvm boot: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        m.close()
+    if result.message:
+        print(result.message, file=sys.stderr)
+    return result.status
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="btvm", description="Binary-translation virtual machine for x86 guests.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -88,6 +128,14 @@ def build_parser():
     co = sub.add_parser("callouts", help="print the table of sensitive/privileged instructions and their callouts")
     co.add_argument("--json", action="store_true", help="machine-readable output")
     co.set_defaults(fn=_cmd_callouts)
+    bo = sub.add_parser("boot", help="boot a guest kernel (Multiboot) on the virtual PC; serial console on stdio; "
+                                     "with no -kernel, the built-in demo guest")
+    bo.add_argument("-kernel", metavar="FILE", help="Multiboot kernel (ELF or a.out kludge)")
+    bo.add_argument("-initrd", metavar="FILE", help="initial ramdisk (needs the Linux boot protocol: not yet)")
+    bo.add_argument("-append", metavar="CMDLINE", help="kernel command line")
+    bo.add_argument("-m", metavar="MB", type=int, default=128, help="guest RAM in MiB (default 128)")
+    bo.add_argument("-icount", action="store_true", help="virtual time counts guest instructions (deterministic)")
+    bo.set_defaults(fn=_cmd_boot)
     rn = sub.add_parser("run", help="run a static i386 Linux program (user mode)",
                         usage="btvm run [--strace] [--clean-env] [-E VAR=VALUE]... [--] PROGRAM [ARGS...]")
     rn.add_argument("--strace", action="store_true", help="print each system call to stderr")

@@ -251,10 +251,10 @@ class CPU:
         try:
             tb = self.cache.get(eip, self.key)
         except DecodeError:
-            bad = self.mem.check(eip, 16, X)
-            if bad is not None and (bad == eip or self._cut_by(eip, bad)):
-                self.st.fault_addr = bad
-                self.raise_exception(PF, (1 if self.mem.page_perm(bad) & R else 0) | (4 if self.cpl == 3 else 0), bad)
+            fault = self.fetch_fault(eip, 16)
+            if fault is not None and (fault[0] == eip or self._cut_by(eip, fault[0])):
+                self.st.fault_addr = fault[0]
+                self.raise_exception(PF, fault[1], fault[0])
             else:
                 self.raise_exception(UD)
             return
@@ -264,6 +264,13 @@ class CPU:
             if tb.key == self.key:
                 self.cache.link(st.chain_from, tb)
             st.chain_from = 0
+
+    def fetch_fault(self, addr, n):
+        """(first address in [addr, addr+n) that cannot be fetched, #PF error code) or None."""
+        bad = self.mem.check(addr, n, X)
+        if bad is None:
+            return None
+        return bad, (1 if self.mem.page_perm(bad) & R else 0) | (4 if self.cpl == 3 else 0)
 
     def _cut_by(self, eip, bad):
         data = self._fetch(eip, bad - eip)

@@ -7,7 +7,11 @@ SIGNATURE = (6 << 8) | (1 << 4) | 1   # family 6 (i686), model 1, stepping 1
 FEATURES_EDX = {
     "fpu": 0,       # x87 FPU (FCMOVcc is covered by "cmov")
     "tsc": 4,       # RDTSC
+    "pse": 3,       # 4 MiB pages (runtime/system/paging.py)
+    "msr": 5,       # RDMSR/WRMSR (the MSRs in runtime/system/callouts.py; others #GP)
     "cx8": 8,       # CMPXCHG8B
+    "sep": 11,      # SYSENTER/SYSEXIT
+    "pge": 13,      # global pages (CR4.PGE accepted; the TLB is flushed whole on CR3 writes)
     "cmov": 15,     # CMOVcc
 }
 FEATURES_ECX = {}

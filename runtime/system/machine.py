@@ -1,0 +1,129 @@
+"""The virtual PC: RAM, the system-mode CPU, the legacy devices, and the run loop.
+
+The loop runs translated code in slices; between slices it fires due device
+timers and delivers a pending interrupt when EFLAGS.IF allows it (and no
+STI/MOV SS shadow is active).  HLT with IF set sleeps until the next device
+deadline; HLT with IF clear stops the machine: that is how the demo guest and a
+Linux kernel without ACPI power off.
+"""
+import sys
+
+from bt import state as S
+from runtime.cpu import GuestFault, Stop
+from runtime.memory import GuestMemory
+
+from .callouts import HANDLERS
+from .syscpu import SystemCPU, TripleFault
+
+SLICE = 20_000
+
+
+class MachineExit(Exception):
+    """Ends Machine.run with an exit status and a one-line report (may be empty)."""
+
+    def __init__(self, status, message=""):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Machine:
+    def __init__(self, ram_mb=128, serial_out=None, icount=False, reset_exits=True):
+        from runtime.devices import build_pc
+        from runtime.devices.bus import IOBus
+        from runtime.devices.clock import VirtualClock
+        self.ram_size = ram_mb << 20
+        self.mem = GuestMemory()
+        self.bus = IOBus()
+        self.cpu = SystemCPU(self.mem, self.ram_size, self.bus)
+        self.cpu.callouts.update(HANDLERS)
+        self.cpu.on_exception = self._exception
+        self.cpu.interrupt_shadow = False
+        self.clock = VirtualClock(icount=(lambda: self.cpu.icount) if icount else None)
+        out = serial_out or (lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
+        self.pc = build_pc(self.bus, self.clock, ram_mb, out, on_reset=self._reset, on_exit=self._debug_exit)
+        self.reset_exits = reset_exits
+        self.halted = False
+
+    # ---- device callbacks ---------------------------------------------------------------------------
+    def _reset(self):
+        raise MachineExit(0, "guest requested a reset")
+
+    def _debug_exit(self, status):
+        raise MachineExit(status)
+
+    # ---- exceptions ------------------------------------------------------------------------------------
+    def _exception(self, cpu, vector, error, fault_addr):
+        if vector == 14 and fault_addr is not None:
+            cpu.cr2 = fault_addr
+        try:
+            cpu.deliver(vector, error)
+        except TripleFault as tf:
+            raise MachineExit(1, f"btvm: {tf} at eip={cpu.st.eip:#x}; the VM stops")
+
+    # ---- boot ----------------------------------------------------------------------------------------
+    def load_multiboot(self, image, cmdline=""):
+        from runtime.boot import multiboot
+        entry, info = multiboot.load(image, self.cpu.write_phys, self.ram_size, cmdline)
+        cpu = self.cpu
+        cpu.set_reg("eax", multiboot.BOOTLOADER_MAGIC)
+        cpu.set_reg("ebx", info)
+        cpu.set_reg("esp", 0x7000)
+        cpu.set_reg("eip", entry)
+        cpu.set_eflags(2)
+
+    # ---- running -------------------------------------------------------------------------------------
+    def _interrupt(self):
+        cpu = self.cpu
+        if not cpu.st.eflags & (1 << S.IF) or not self.pc.pic.pending():
+            return False
+        if cpu.interrupt_shadow:
+            cpu.interrupt_shadow = False
+            return False
+        vector = self.pc.pic.acknowledge()
+        self.halted = False
+        self._exception_safe(lambda: cpu.deliver(vector, None, return_eip=cpu.st.eip))
+        return True
+
+    def _exception_safe(self, fn):
+        try:
+            fn()
+        except TripleFault as tf:
+            raise MachineExit(1, f"btvm: {tf}; the VM stops")
+
+    def run(self):
+        """Run until the guest powers off, exits through isa-debug-exit or fails; returns the status."""
+        cpu = self.cpu
+        try:
+            while True:
+                self.clock.run_due()
+                self._interrupt()
+                if self.halted:
+                    if not cpu.st.eflags & (1 << S.IF):
+                        raise MachineExit(0, "")   # CLI; HLT: the guest stopped the CPU (power off)
+                    self.clock.idle()
+                    continue
+                budget = SLICE
+                if cpu.interrupt_shadow:
+                    budget = 1
+                stop = cpu.run(budget)
+                if budget == 1:
+                    cpu.interrupt_shadow = False
+                if stop.reason == "max_instructions":
+                    continue
+                if stop.reason == "hlt":
+                    self.halted = True
+                    continue
+                if stop.reason == "exception":
+                    raise MachineExit(1, f"btvm: unhandled exception {stop.info}")
+                if stop.reason == "unsupported":
+                    raise MachineExit(1, f"btvm: {stop.info.get('message')} (eip={cpu.st.eip:#x})")
+                raise MachineExit(1, f"btvm: the VM stopped: {stop.reason} {stop.info}")
+        except MachineExit as e:
+            return e
+        except TripleFault as tf:
+            return MachineExit(1, f"btvm: {tf} at eip={cpu.st.eip:#x}; the VM stops")
+        except GuestFault as f:
+            return MachineExit(1, f"btvm: fault {f.vector} outside guest delivery at eip={cpu.st.eip:#x}")
+
+    def close(self):
+        self.mem.close()

@@ -1,0 +1,477 @@
+"""The system-mode CPU: protected-mode segmentation, paging, rings 0-3 and the IDT.
+
+It extends runtime.cpu.CPU (which runs translated code) with what a guest
+kernel sees: control registers, descriptor tables, a paging soft-MMU whose TLB
+entries map linear pages to host addresses of guest-physical RAM, and the
+delivery of exceptions and interrupts through the guest IDT (SDM Vol. 3A,
+chapter 6).  Sensitive and privileged instructions reach it as callouts
+(runtime/system/callouts.py).
+"""
+import struct
+
+from bt import state as S
+from runtime.cpu import CPU, GuestFault, Stop
+
+from .descriptors import Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
+from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR4_PSE, CR4_PGE, CR4_TSD
+
+DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_, GP, PF, MF, AC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17
+CONTRIBUTORY = {DE, TS, NP, SS_, GP}
+EFLAGS_USER_MASK = 0x3F7FD7
+
+
+class TripleFault(Exception):
+    pass
+
+
+class SystemCPU(CPU):
+    """An i686 in protected mode (no real mode yet) over guest-physical RAM."""
+
+    def __init__(self, mem, ram_size, io=None):
+        self.ram_size = ram_size
+        self.io = io
+        self.cr0, self.cr2, self.cr3, self.cr4 = CR0_PE | CR0_ET, 0, 0, 0
+        self.dr = [0] * 8
+        self.gdtr = (0, 0)      # (base, limit)
+        self.idtr = (0, 0x3FF)
+        self.ldtr = Segment(0, 0, 0, LDT, False)
+        self.tr = Segment(0, 0, 0x67, TSS_BUSY, False)
+        self.segs = [Segment.flat(0x10, False), Segment.flat(0x08, True), Segment.flat(0x10, False),
+                     Segment.flat(0x10, False), Segment.flat(0x10, False), Segment.flat(0x10, False)]
+        self.msr = {}
+        self.code_phys = {}     # physical page -> linear pages holding translated code
+        self.walker = Walker(self.read_phys32, self.write_phys32)
+        self.delivering = None  # vector being delivered (for #DF / triple fault)
+        self.tsc_offset = 0
+        super().__init__(mem, S.make_key(cpl=0))
+        self.sync_segments()
+
+    # ---- physical memory ------------------------------------------------------------
+    def read_phys(self, addr, n):
+        if addr + n <= self.ram_size:
+            return self.mem.read(addr, n)
+        return bytes(self.mem.read(a, 1)[0] if a < self.ram_size else 0xFF for a in range(addr, addr + n))
+
+    def write_phys(self, addr, data):
+        if addr + len(data) <= self.ram_size:
+            self.mem.write(addr, data)
+        else:
+            for i, b in enumerate(data):
+                if addr + i < self.ram_size:
+                    self.mem.write(addr + i, bytes([b]))
+
+    def read_phys32(self, addr):
+        return int.from_bytes(self.read_phys(addr, 4), "little")
+
+    def write_phys32(self, addr, v):
+        self.write_phys(addr, v.to_bytes(4, "little"))
+        self._phys_written(addr, 4)
+
+    # ---- linear memory (for the runtime's own accesses, e.g. interrupt frames) --------------
+    def translate(self, lin, write=False, user=None, fetch=False):
+        """Physical address of a linear one at the current (or given) privilege; raises PageFault."""
+        user = self.cpl == 3 if user is None else user
+        if not self.cr0 & CR0_PG:
+            return lin & 0xFFFFFFFF, False, True
+        return self.walker.translate(self.cr0, self.cr3, self.cr4, lin, write, user, fetch)
+
+    def read_lin(self, lin, n, user=None):
+        out = bytearray()
+        for i in range(n):
+            phys = self.translate(lin + i, False, user)[0]
+            out += self.read_phys(phys, 1)
+        return bytes(out)
+
+    def write_lin(self, lin, data, user=None):
+        phys = [self.translate(lin + i, True, user)[0] for i in range(len(data))]   # all or nothing
+        for p, b in zip(phys, data):
+            self.write_phys(p, bytes([b]))
+            self._phys_written(p, 1)
+
+    def read_lin32(self, lin, user=None):
+        return int.from_bytes(self.read_lin(lin, 4, user), "little")
+
+    def _phys_written(self, phys, n):
+        for page in {phys & ~0xFFF, (phys + n - 1) & ~0xFFF}:
+            lins = self.code_phys.pop(page, None)
+            if lins:
+                for lin in lins:
+                    self.cache.invalidate_page(lin, "smc")
+                self.st.smc = 1
+
+    # ---- soft-MMU slow paths ------------------------------------------------------------------
+    def _pf(self, exc):
+        st = self.st
+        st.fault = 1
+        st.exc_vector = PF
+        st.exc_error = exc.error
+        st.fault_addr = exc.addr
+
+    def _load_slow(self, _st, addr, size):
+        try:
+            probe = size & 0x100
+            size &= 0xFF
+            user = self.cpl == 3
+            try:
+                first = self.translate(addr, bool(probe), user)
+                last = self.translate(addr + size - 1, bool(probe), user) if size > 1 else first
+            except PageFault as pf:
+                self._pf(pf)
+                return 0
+            if probe:
+                return 0
+            if (addr & 0xFFF) + size <= 0x1000:
+                data = self.read_phys(first[0], size)
+                if first[0] < self.ram_size:
+                    self._fill(addr, first[0], S.TLB_READ)
+            else:
+                split = 0x1000 - (addr & 0xFFF)
+                data = self.read_phys(first[0], split) + self.read_phys(last[0] - (size - 1 - split), size - split)
+            return int.from_bytes(data, "little")
+        except BaseException as exc:
+            self._pending_error = exc
+            self.st.fault = 1
+            return 0
+
+    def _store_slow(self, _st, addr, value, size):
+        try:
+            user = self.cpl == 3
+            try:
+                first = self.translate(addr, True, user)
+                last = self.translate(addr + size - 1, True, user) if size > 1 else first
+            except PageFault as pf:
+                self._pf(pf)
+                return
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            if (addr & 0xFFF) + size <= 0x1000:
+                self.write_phys(first[0], data)
+                self._phys_written(first[0], size)
+                if first[0] < self.ram_size and (first[0] & ~0xFFF) not in self.code_phys and first[2]:
+                    self._fill(addr, first[0], S.TLB_WRITE)
+            else:
+                split = 0x1000 - (addr & 0xFFF)
+                p2 = last[0] - (size - 1 - split)
+                self.write_phys(first[0], data[:split])
+                self.write_phys(p2, data[split:])
+                self._phys_written(first[0], split)
+                self._phys_written(p2, size - split)
+        except BaseException as exc:
+            self._pending_error = exc
+            self.st.fault = 1
+
+    def _fill(self, lin, phys, kind):
+        ent = self.st.tlb[S.tlb_index(1 if self.cpl == 3 else 0, kind) + ((lin >> 12) & (S.TLB_SIZE - 1))]
+        ent.tag = lin & 0xFFFFF000
+        ent.addend = (self.mem.base + (phys & 0xFFFFF000) - (lin & 0xFFFFF000)) & 0xFFFFFFFFFFFFFFFF
+
+    def _fetch(self, addr, n):
+        out = bytearray()
+        a = addr
+        while len(out) < n:
+            try:
+                phys = self.translate(a, False, self.cpl == 3, True)[0]
+            except PageFault:
+                break
+            if phys >= self.ram_size:
+                break
+            chunk = min(n - len(out), 0x1000 - (a & 0xFFF))
+            out += self.read_phys(phys, chunk)
+            a = (a + chunk) & 0xFFFFFFFF
+        return bytes(out)
+
+    def fetch_fault(self, addr, n):
+        for a in range(addr, addr + n):
+            try:
+                self.translate(a, False, self.cpl == 3, True)
+            except PageFault as pf:
+                return a, pf.error
+        return None
+
+    def _code_page(self, lin_page):
+        try:
+            phys = self.translate(lin_page, False, self.cpl == 3, True)[0] & ~0xFFF
+        except PageFault:
+            return
+        self.code_phys.setdefault(phys, set()).add(lin_page)
+        self.tlb_flush_page(lin_page)
+
+    # ---- control registers and mode ---------------------------------------------------------------
+    def flush_translations(self):
+        """Forget the linear->physical view: the soft TLB, and translated code keyed by linear address."""
+        self.tlb_flush()
+        self.cache.flush("mode")
+        self.code_phys.clear()
+
+    def set_cr0(self, v):
+        v |= CR0_ET
+        if not v & CR0_PE:
+            raise Stop("unsupported", message="real mode (CR0.PE=0) is not implemented", eip=self.st.eip)
+        changed = (self.cr0 ^ v) & (CR0_PG | CR0_WP | CR0_PE)
+        self.cr0 = v & 0xE005003F
+        if changed:
+            self.flush_translations()
+        self.update_key()
+
+    def set_cr3(self, v):
+        self.cr3 = v & 0xFFFFF018
+        # Blocks are looked up by linear address: a new address space needs a fresh view.
+        self.flush_translations()
+
+    def set_cr4(self, v):
+        if v & ~(CR4_TSD | 0x8 | CR4_PSE | CR4_PGE | 0x200 | 0x400):
+            raise GuestFault(GP, 0)
+        changed = (self.cr4 ^ v) & (CR4_PSE | CR4_PGE)
+        self.cr4 = v
+        if changed:
+            self.flush_translations()
+
+    @property
+    def eflags(self):
+        return self.st.eflags
+
+    def set_eflags(self, v):
+        self.st.eflags = (v & EFLAGS_USER_MASK) | 2
+        self.update_key()
+
+    def update_key(self):
+        cpl = self.segs[S.CS].selector & 3 if self.cr0 & CR0_PE else 0
+        cpl = self._cpl_override if getattr(self, "_cpl_override", None) is not None else cpl
+        flat = all(self.segs[i].base == 0 for i in (S.ES, S.CS, S.SS, S.DS))
+        key = S.make_key(cs32=self.segs[S.CS].db, pe=bool(self.cr0 & CR0_PE), pg=bool(self.cr0 & CR0_PG),
+                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3)
+        key |= self.key & S.KEY_STEP
+        if key != self.key and S.key_cpl(key) != S.key_cpl(self.key):
+            pass   # TLB entries are kept per privilege: nothing to flush
+        self.set_key(key)
+
+    @property
+    def cpl(self):
+        return S.key_cpl(self.key)
+
+    def sync_segments(self):
+        for i, seg in enumerate(self.segs):
+            self.st.seg_base[i] = seg.base
+            self.st.seg_sel[i] = seg.selector
+        self.update_key()
+
+    # ---- descriptors ------------------------------------------------------------------------------
+    def descriptor(self, selector, exc=GP):
+        """The raw (lo, hi) descriptor of a selector from the GDT or LDT; #GP(sel) beyond the limit."""
+        index = selector & ~7
+        base, limit = (self.ldtr.base, self.ldtr.limit) if selector & 4 else self.gdtr
+        if index + 7 > limit:
+            raise GuestFault(exc, selector & 0xFFFC)
+        raw = self.read_lin(base + index, 8, user=False)
+        lo, hi = struct.unpack("<II", raw)
+        return lo, hi, base + index
+
+    def load_segment(self, reg, selector):
+        """MOV/POP to a data segment register or SS with the protection checks (SDM 5.5-5.7)."""
+        selector &= 0xFFFF
+        rpl, cpl = selector & 3, self.cpl
+        if selector & ~3 == 0:
+            if reg == S.SS:
+                raise GuestFault(GP, 0)
+            self.segs[reg] = Segment(selector, 0, 0, 0, True, 0, False)
+            self.sync_segments()
+            return
+        lo, hi, addr = self.descriptor(selector)
+        seg = decode(lo, hi, selector)
+        if reg == S.SS:
+            if rpl != cpl or seg.dpl != cpl or not seg.writable:
+                raise GuestFault(GP, selector & 0xFFFC)
+            if not seg.present:
+                raise GuestFault(SS_, selector & 0xFFFC)
+        else:
+            if not seg.s or not seg.readable:
+                raise GuestFault(GP, selector & 0xFFFC)
+            if not seg.conforming and (seg.dpl < cpl or seg.dpl < rpl):
+                raise GuestFault(GP, selector & 0xFFFC)
+            if not seg.present:
+                raise GuestFault(NP, selector & 0xFFFC)
+        self._set_accessed(addr, hi)
+        self.segs[reg] = seg
+        self.sync_segments()
+
+    def _set_accessed(self, addr, hi):
+        if not hi & 0x100:
+            self.write_lin(addr + 4, struct.pack("<I", hi | 0x100), user=False)
+
+    def code_segment(self, selector, exc=GP):
+        if selector & ~3 == 0:
+            raise GuestFault(GP, 0)
+        lo, hi, addr = self.descriptor(selector)
+        seg = decode(lo, hi, selector)
+        if not seg.is_code:
+            raise GuestFault(exc, selector & 0xFFFC)
+        if not seg.present:
+            raise GuestFault(NP, selector & 0xFFFC)
+        return seg, addr, hi
+
+    def set_cs(self, seg, cpl):
+        seg.selector = (seg.selector & ~3) | cpl
+        self.segs[S.CS] = seg
+        self.sync_segments()
+
+    # ---- stack helpers for interrupt frames ----------------------------------------------------------
+    def push32(self, v, user=None):
+        esp = (self.reg("esp") - 4) & 0xFFFFFFFF
+        self.write_lin(self.segs[S.SS].base + esp, struct.pack("<I", v & 0xFFFFFFFF), user)
+        self.set_reg("esp", esp)
+
+    def pop32(self):
+        esp = self.reg("esp")
+        v = self.read_lin32(self.segs[S.SS].base + esp)
+        self.set_reg("esp", esp + 4)
+        return v
+
+    # ---- exceptions and interrupts ---------------------------------------------------------------------
+    def deliver(self, vector, error=None, software=False, return_eip=None):
+        """Deliver an exception/interrupt through the IDT (eip at the faulting instruction for faults,
+        return_eip for traps and software/external interrupts)."""
+        prev = self.delivering
+        if prev is not None:
+            if prev == DF:
+                raise TripleFault(f"triple fault (vector {vector} while delivering #DF)")
+            if (prev in CONTRIBUTORY or prev == PF) and (vector in CONTRIBUTORY or vector == PF) \
+                    and not (prev in CONTRIBUTORY and vector == PF):
+                self.delivering = None
+                return self.deliver(DF, 0)
+        self.delivering = vector
+        try:
+            self._deliver(vector, error, software, return_eip)
+        except GuestFault as f:
+            self.deliver(f.vector, f.error)
+            return
+        except PageFault as pf:
+            self.cr2 = pf.addr
+            self.deliver(PF, pf.error)
+            return
+        finally:
+            self.delivering = None if self.delivering == vector else self.delivering
+        self.delivering = None
+
+    def _deliver(self, vector, error, software, return_eip):
+        base, limit = self.idtr
+        if vector * 8 + 7 > limit:
+            raise GuestFault(GP, vector * 8 + 2 + (0 if software else 1))
+        lo, hi = struct.unpack("<II", self.read_lin(base + vector * 8, 8, user=False))
+        gtype, dpl, present = (hi >> 8) & 0x1F, (hi >> 13) & 3, hi & 0x8000
+        if gtype & 0xF not in (INT_GATE, TRAP_GATE) or gtype & 0x10:
+            raise Stop("unsupported", message=f"IDT vector {vector}: gate type {gtype & 0xF:#x} "
+                       "(task gates and 16-bit gates are not implemented)", eip=self.st.eip)
+        if software and dpl < self.cpl:
+            raise GuestFault(GP, vector * 8 + 2)
+        if not present:
+            raise GuestFault(NP, vector * 8 + 2)
+        selector, offset = lo >> 16, (lo & 0xFFFF) | (hi & 0xFFFF0000)
+        seg, _, _ = self.code_segment(selector)
+        new_cpl = self.cpl if seg.conforming else seg.dpl
+        if new_cpl > self.cpl:
+            raise GuestFault(GP, selector & 0xFFFC)
+        eflags = self.st.eflags
+        eip = self.st.eip if return_eip is None else return_eip
+        old_cs, old_ss, old_esp = self.segs[S.CS].selector, self.segs[S.SS].selector, self.reg("esp")
+        if new_cpl < self.cpl:
+            # Inner-privilege stack from the TSS (SDM 6.12.1).
+            tss = self.tr.base
+            esp0 = int.from_bytes(self.read_lin(tss + 4 + 8 * new_cpl, 4, user=False), "little")
+            ss0 = int.from_bytes(self.read_lin(tss + 8 + 8 * new_cpl, 2, user=False), "little")
+            self._cpl_override = new_cpl
+            try:
+                lo2, hi2, _ = self.descriptor(ss0, TS)
+                ss = decode(lo2, hi2, ss0)
+                self.segs[S.SS] = ss
+                self.set_reg("esp", esp0)
+                frame = [old_ss, old_esp, eflags, old_cs, eip]
+                if error is not None:
+                    frame.append(error)
+                for v in frame:
+                    self.push32(v, user=False)
+            finally:
+                self._cpl_override = None
+        else:
+            frame = [eflags, old_cs, eip] + ([error] if error is not None else [])
+            for v in frame:
+                self.push32(v, user=False)
+        self.set_cs(seg, new_cpl)
+        fl = self.st.eflags & ~((1 << S.TF) | (1 << S.NT) | (1 << S.RF) | (1 << S.VM))
+        if gtype == INT_GATE:
+            fl &= ~(1 << S.IF)
+        self.set_eflags(fl)
+        self.set_reg("eip", offset)
+
+    def iret(self):
+        """IRET from protected mode (same or outer privilege; no task return, no VM86)."""
+        if self.st.eflags & (1 << S.NT):
+            raise Stop("unsupported", message="IRET with NT set (task return) is not implemented",
+                       eip=self.st.eip)
+        esp = self.reg("esp")
+        ssb = self.segs[S.SS].base
+        eip, cs, fl = (self.read_lin32(ssb + esp + 4 * i) for i in range(3))
+        cs &= 0xFFFF
+        seg, addr, hi = self.code_segment(cs)
+        rpl = cs & 3
+        if rpl < self.cpl:
+            raise GuestFault(GP, cs & 0xFFFC)
+        mask = 0x257FD5 | (1 << 1)
+        if self.cpl == 0:
+            mask |= (3 << S.IOPL_SHIFT) | (1 << S.IF)
+        elif self.cpl <= (self.st.eflags >> S.IOPL_SHIFT) & 3:
+            mask |= 1 << S.IF
+        new_fl = (fl & mask) | (self.st.eflags & ~mask)
+        if rpl > self.cpl:
+            new_esp = self.read_lin32(ssb + esp + 12)
+            new_ss = self.read_lin32(ssb + esp + 16) & 0xFFFF
+            self.set_cs(seg, rpl)
+            self.set_eflags(new_fl)
+            self.load_segment(S.SS, new_ss)
+            self.set_reg("esp", new_esp)
+            for r in (S.ES, S.DS, S.FS, S.GS):
+                s = self.segs[r]
+                if s.selector & ~3 and (not s.is_code or not s.conforming) and s.dpl < rpl:
+                    self.segs[r] = Segment(0, 0, 0, 0, True, 0, False)
+            self.sync_segments()
+        else:
+            self.set_reg("esp", esp + 12)
+            self.set_cs(seg, rpl)
+            self.set_eflags(new_fl)
+        self.set_reg("eip", eip)
+
+    def load_tr(self, selector):
+        lo, hi, addr = self.descriptor(selector)
+        seg = decode(lo, hi, selector)
+        if seg.s or seg.type != TSS_AVAIL:
+            raise GuestFault(GP, selector & 0xFFFC)
+        if not seg.present:
+            raise GuestFault(NP, selector & 0xFFFC)
+        self.write_lin(addr + 4, struct.pack("<I", hi | 0x200), user=False)   # mark busy
+        seg.type = TSS_BUSY
+        self.tr = seg
+
+    def load_ldt(self, selector):
+        if selector & ~3 == 0:
+            self.ldtr = Segment(0, 0, 0, LDT, False)
+            return
+        lo, hi, _ = self.descriptor(selector)
+        seg = decode(lo, hi, selector)
+        if seg.s or seg.type != LDT:
+            raise GuestFault(GP, selector & 0xFFFC)
+        self.ldtr = seg
+
+    def io_allowed(self, port, size):
+        """IOPL, then the TSS I/O permission bitmap (SDM 18.5)."""
+        if self.cpl <= (self.st.eflags >> S.IOPL_SHIFT) & 3:
+            return True
+        if self.tr.limit < 0x67:
+            return False
+        base = self.tr.base
+        iomap = int.from_bytes(self.read_lin(base + 0x66, 2, user=False), "little")
+        byte = iomap + port // 8
+        if byte + 1 > self.tr.limit:
+            return False
+        bits = int.from_bytes(self.read_lin(base + byte, 2, user=False), "little")
+        return not (bits >> (port % 8)) & ((1 << size) - 1)
+
+    def tsc(self):
+        return self.icount + self.tsc_offset

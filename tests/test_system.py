@@ -1,0 +1,350 @@
+"""System mode: the demo guest, sensitive/privileged instructions from ring 0 and ring 3,
+paging faults, interrupts and the machine's exits.
+
+Each test assembles a small Multiboot kernel from a template: flat ring-0 and ring-3
+segments, a TSS, an IDT whose handlers record (vector, error code, CR2, saved EIP, saved CS)
+into a results area and stop the CPU, then a ring-0 body and (optionally) a ring-3 body.
+"""
+import struct
+import subprocess
+import sys
+
+import pytest
+from keystone import Ks, KS_ARCH_X86, KS_MODE_32
+
+from runtime.system.machine import Machine
+
+BASE = 0x100000
+RESULTS = 0x300000   # vector, error, cr2, eip, cs, marker, eflags
+
+TEMPLATE = r"""
+.set results, 0x300000
+.set page_dir, 0x301000
+.set page_tab, 0x302000
+.set idt, 0x303000
+.set tss, 0x304000
+.set kstack_top, 0x306000
+.set ustack_top, 0x308000
+header:
+    .long 0x1BADB002
+    .long 0x00010002
+    .long -(0x1BADB002 + 0x00010002)
+    .long header
+    .long header
+    .long image_end
+    .long 0
+    .long start
+start:
+    mov esp, kstack_top
+    lgdt [gdt_desc]
+    .byte 0xea
+    .long reload
+    .word 0x08
+reload:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    xor ecx, ecx
+fill:
+    mov eax, ecx
+    shl eax, 4
+    add eax, handler_table
+    lea edi, [idt + ecx*8]
+    mov word ptr [edi], ax
+    mov word ptr [edi + 2], 0x08
+    mov word ptr [edi + 4], 0x8e00
+    shr eax, 16
+    mov word ptr [edi + 6], ax
+    inc ecx
+    cmp ecx, 256
+    jb fill
+    mov word ptr [idt + 0x80*8 + 4], 0xee00
+    lidt [idt_desc]
+    mov eax, tss
+    mov word ptr [gdt + 0x2a], ax
+    shr eax, 16
+    mov byte ptr [gdt + 0x2c], al
+    mov byte ptr [gdt + 0x2f], ah
+    mov dword ptr [tss + 4], kstack_top
+    mov dword ptr [tss + 8], 0x10
+    mov word ptr [tss + 0x66], 0x68
+    mov ax, 0x28
+    ltr ax
+{ring0}
+    mov dword ptr [results + 20], 0x600d
+    cli
+    hlt
+to_user:
+    push 0x23
+    mov eax, ustack_top
+    push eax
+    push 0x202
+    push 0x1b
+    mov eax, user
+    push eax
+    iretd
+user:
+    mov ax, 0x23
+    mov ds, ax
+    mov es, ax
+{ring3}
+    mov dword ptr [results + 20], 0x600d
+    int 0x80
+user_spin:
+    jmp user_spin
+
+common:
+    pop eax
+    mov dword ptr [results], eax
+    mov dword ptr [results + 12], 0
+    cmp eax, 8
+    je has_err
+    cmp eax, 10
+    jb no_err
+    cmp eax, 14
+    ja no_err
+has_err:
+    pop ebx
+    mov dword ptr [results + 4], ebx
+    jmp saved
+no_err:
+    mov dword ptr [results + 4], 0xffffffff
+saved:
+    mov ebx, cr2
+    mov dword ptr [results + 8], ebx
+    mov ebx, dword ptr [esp]
+    mov dword ptr [results + 12], ebx
+    mov ebx, dword ptr [esp + 4]
+    mov dword ptr [results + 16], ebx
+    mov ebx, dword ptr [esp + 8]
+    mov dword ptr [results + 24], ebx
+    cli
+    hlt
+
+.align 8
+handler_table:
+{stubs}
+.align 8
+gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff
+    .quad 0x00cf92000000ffff
+    .quad 0x00cffa000000ffff
+    .quad 0x00cff2000000ffff
+    .quad 0x0000890000000067
+gdt_end:
+gdt_desc:
+    .word gdt_end - gdt - 1
+    .long gdt
+idt_desc:
+    .word 256*8 - 1
+    .long idt
+image_end:
+"""
+
+_ks = Ks(KS_ARCH_X86, KS_MODE_32)
+
+
+def _stubs():
+    # 16-byte stubs: push imm32 vector; jmp rel32 common; padding
+    out = []
+    for v in range(256):
+        out.append(f"    .byte 0x68\n    .long {v}\n    .byte 0xe9\n    .long common - (handler_table + {v} * 16 + 10)\n"
+                   "    .byte 0x90, 0x90, 0x90, 0x90, 0x90, 0x90\n")
+    return "".join(out)
+
+
+def build(ring0="", ring3=None):
+    body0 = ring0 + ("\n    jmp to_user\n" if ring3 is not None else "")
+    src = TEMPLATE.replace("{ring0}", body0).replace("{ring3}", ring3 or "").replace("{stubs}", _stubs())
+    enc, _ = _ks.asm(src.replace(";", "#"), BASE)
+    return bytes(enc)
+
+
+def boot(ring0="", ring3=None, out=None):
+    sink = out if out is not None else bytearray()
+    m = Machine(ram_mb=8, serial_out=sink.extend, icount=True)
+    try:
+        m.load_multiboot(build(ring0, ring3))
+        res = m.run()
+        vals = struct.unpack("<7I", m.cpu.read_phys(RESULTS, 28))
+        return res, dict(zip(("vector", "error", "cr2", "eip", "cs", "marker", "eflags"), vals))
+    finally:
+        m.close()
+
+
+def test_demo_guest_boots_and_powers_off():
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "boot"], capture_output=True, timeout=300)
+    text = out.stdout.decode()
+    assert out.returncode == 0, out.stderr.decode()
+    for line in ("btvm demo guest: protected mode", "10 timer interrupts received", "paging on",
+                 "hello from ring 3 through INT 0x80", "#GP from CLI in ring 3", "done, powering off"):
+        assert line in text
+    assert "did not fault" not in text and "unexpected" not in text
+
+
+def test_ring0_body_completes():
+    res, r = boot("    nop\n")
+    assert res.status == 0 and r["marker"] == 0x600D
+
+
+@pytest.mark.parametrize("insn", ["cli", "sti", "hlt", "in al, 0x80", "out 0x80, al", "mov eax, cr0", "mov cr3, eax",
+                                  "lgdt [0x300100]", "lidt [0x300100]", "ltr ax", "lldt ax", "rdmsr", "wrmsr",
+                                  "invlpg [0x1000]", "wbinvd", "clts", "mov dr0, eax", "lmsw ax"])
+def test_privileged_from_ring3_raises_gp(insn):
+    res, r = boot(ring3=f"    mov ecx, 0x10\n    {insn}\n")
+    assert r["vector"] == 13 and r["error"] == 0, r
+    assert r["cs"] == 0x1B and r["marker"] != 0x600D
+
+
+def test_popf_in_ring3_cannot_change_if_or_iopl():
+    # POPF at CPL 3 with IOPL 0 silently keeps IF and IOPL (SDM POPF); the INT 0x80 frame shows EFLAGS.
+    ring3 = """
+    pushfd
+    pop eax
+    and eax, 0xfffffdff
+    or eax, 0x3001
+    push eax
+    popfd
+"""
+    res, r = boot(ring3=ring3)
+    assert r["vector"] == 0x80 and r["marker"] == 0x600D
+    assert r["eflags"] & 0x200 and not r["eflags"] & 0x3000 and r["eflags"] & 1
+
+
+def test_sensitive_reads_work_in_ring3():
+    ring3 = """
+    sgdt [0x300200]
+    sidt [0x300210]
+    str eax
+    smsw ebx
+    mov dword ptr [0x300220], eax
+    mov dword ptr [0x300224], ebx
+"""
+    sink = bytearray()
+    m = Machine(ram_mb=8, serial_out=sink.extend, icount=True)
+    try:
+        m.load_multiboot(build(ring3=ring3))
+        res = m.run()
+        limit, base = struct.unpack("<HI", m.cpu.read_phys(0x300200, 6))
+        ilimit, ibase = struct.unpack("<HI", m.cpu.read_phys(0x300210, 6))
+        tr, msw = struct.unpack("<II", m.cpu.read_phys(0x300220, 8))
+        marker = struct.unpack("<I", m.cpu.read_phys(RESULTS + 20, 4))[0]
+    finally:
+        m.close()
+    assert marker == 0x600D
+    assert limit == 6 * 8 - 1 and ilimit == 256 * 8 - 1 and ibase == 0x303000
+    assert tr & 0xFFFF == 0x28 and msw & 1
+
+
+def test_int_to_dpl0_gate_from_ring3_is_gp():
+    res, r = boot(ring3="    int 0x81\n")
+    assert r["vector"] == 13 and r["error"] == 0x81 * 8 + 2
+
+
+def test_syscall_gate_from_ring3_switches_stacks():
+    res, r = boot(ring3="    mov dword ptr [results + 20], 0x600d\n    int 0x80\n")
+    assert r["vector"] == 0x80 and r["cs"] == 0x1B and r["eflags"] & 0x200
+
+
+PAGING = """
+    mov edi, page_tab
+    xor eax, eax
+pt_fill:
+    mov ebx, eax
+    shl ebx, 12
+    or ebx, 7
+    mov dword ptr [edi + eax*4], ebx
+    inc eax
+    cmp eax, 1024
+    jb pt_fill
+    mov dword ptr [page_dir], page_tab + 7
+    mov dword ptr [page_tab + 0x200*4], 0
+    mov dword ptr [page_tab + 0x201*4], 0x201005
+    mov eax, page_dir
+    mov cr3, eax
+    mov eax, cr0
+    or eax, 0x80010000
+    mov cr0, eax
+"""
+
+
+def test_page_fault_not_present_has_cr2_and_error_code():
+    res, r = boot(PAGING + "    mov eax, dword ptr [0x200010]\n")
+    assert r["vector"] == 14 and r["error"] == 0 and r["cr2"] == 0x200010
+
+
+def test_write_to_readonly_page_with_wp_faults_in_ring0():
+    res, r = boot(PAGING + "    mov dword ptr [0x201000], 1\n")
+    assert r["vector"] == 14 and r["error"] == 3 and r["cr2"] == 0x201000
+
+
+def test_ring3_write_to_readonly_user_page_faults():
+    # The PDE must allow user access: the page table maps everything U/S except the r/o page is user r/o.
+    res, r = boot(PAGING, ring3="    mov dword ptr [0x201004], 1\n")
+    assert r["vector"] == 14 and r["error"] == 7 and r["cr2"] == 0x201004
+
+
+def test_accessed_and_dirty_bits_written_back():
+    sink = bytearray()
+    m = Machine(ram_mb=8, serial_out=sink.extend, icount=True)
+    try:
+        m.load_multiboot(build(PAGING + "    mov dword ptr [0x202000], 5\n    mov eax, dword ptr [0x203000]\n"))
+        m.run()
+        pte_w = struct.unpack("<I", m.cpu.read_phys(0x302000 + 0x202 * 4, 4))[0]
+        pte_r = struct.unpack("<I", m.cpu.read_phys(0x302000 + 0x203 * 4, 4))[0]
+    finally:
+        m.close()
+    assert pte_w & 0x60 == 0x60 and pte_r & 0x60 == 0x20
+
+
+def test_divide_error_vectors_precisely():
+    res, r = boot("    xor ecx, ecx\n    mov eax, 1\n    div ecx\n")
+    assert r["vector"] == 0 and r["error"] == 0xFFFFFFFF and r["cs"] == 0x08
+
+
+def test_isa_debug_exit_status():
+    res, _ = boot("    mov al, 3\n    out 0xf4, al\n")
+    assert res.status == 7
+
+
+def test_timer_interrupt_reaches_handler():
+    ring0 = """
+    mov al, 0x11
+    out 0x20, al
+    mov al, 0x20
+    out 0x21, al
+    mov al, 4
+    out 0x21, al
+    mov al, 1
+    out 0x21, al
+    mov al, 0xfe
+    out 0x21, al
+    mov al, 0x34
+    out 0x43, al
+    mov al, 0x9b
+    out 0x40, al
+    mov al, 0x2e
+    out 0x40, al
+    sti
+spin:
+    jmp spin
+"""
+    res, r = boot(ring0)
+    assert r["vector"] == 0x20 and r["eflags"] & 0x200
+
+
+def test_triple_fault_stops_the_vm():
+    res, _ = boot("    lidt [0x300400]\n    int3\n")
+    assert res.status != 0 and "triple fault" in res.message
+
+
+def test_boot_cli_errors(tmp_path):
+    bad = tmp_path / "k"
+    bad.write_bytes(b"not a kernel" * 100)
+    for args, msg in ((["-kernel", str(bad)], "not a Multiboot kernel"),
+                      (["-kernel", str(tmp_path / "missing")], "no such file"),
+                      (["-m", "1"], "between")):
+        out = subprocess.run([sys.executable, "-m", "runtime.cli", "boot", *args], capture_output=True, text=True)
+        assert out.returncode != 0 and msg in out.stderr and "Traceback" not in out.stderr
