@@ -80,6 +80,7 @@ def _cmd_run(args):
 
 
 def _cmd_boot(args):
+    from runtime.boot.linux import is_bzimage
     from runtime.boot.multiboot import BootError, find_header
     from runtime.system.machine import Machine
     if args.kernel is None:
@@ -92,22 +93,28 @@ def _cmd_boot(args):
         except OSError as exc:
             print(f"btvm boot: {args.kernel}: {exc.strerror.lower() if exc.strerror else exc}", file=sys.stderr)
             return 1
-        if find_header(kernel) is None:
-            if kernel[0x202:0x206] == b"HdrS":
-                print(f"btvm boot: {args.kernel}: a Linux bzImage; the Linux boot protocol is not implemented yet "
-                      "(only Multiboot kernels boot)", file=sys.stderr)
-            else:
-                print(f"btvm boot: {args.kernel}: not a Multiboot kernel", file=sys.stderr)
+        if find_header(kernel) is None and not is_bzimage(kernel):
+            print(f"btvm boot: {args.kernel}: neither a Linux bzImage nor a Multiboot kernel", file=sys.stderr)
             return 1
+    initrd = None
     if args.initrd is not None:
-        print("btvm boot: -initrd needs the Linux boot protocol, which is not implemented yet", file=sys.stderr)
-        return 1
+        try:
+            with open(args.initrd, "rb") as f:
+                initrd = f.read()
+        except OSError as exc:
+            print(f"btvm boot: {args.initrd}: {exc.strerror.lower() if exc.strerror else exc}", file=sys.stderr)
+            return 1
     if not 2 <= args.m <= 3072:
         print(f"btvm boot: -m {args.m}: guest RAM must be between 2 and 3072 MiB", file=sys.stderr)
         return 1
     m = Machine(ram_mb=args.m, icount=args.icount)
     try:
-        m.load_multiboot(kernel, args.append or "")
+        if is_bzimage(kernel):
+            m.load_linux(kernel, args.append or "", initrd)
+        elif initrd is not None:
+            raise BootError("-initrd is only for Linux bzImage kernels")
+        else:
+            m.load_multiboot(kernel, args.append or "")
         result = m.run()
     except BootError as exc:
         print(f"btvm boot: {exc}", file=sys.stderr)
@@ -119,6 +126,11 @@ def _cmd_boot(args):
     return result.status
 
 
+def _cmd_profile(args):
+    from .profile import run
+    return run(args, build_parser)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="btvm", description="Binary-translation virtual machine for x86 guests.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -128,10 +140,10 @@ def build_parser():
     co = sub.add_parser("callouts", help="print the table of sensitive/privileged instructions and their callouts")
     co.add_argument("--json", action="store_true", help="machine-readable output")
     co.set_defaults(fn=_cmd_callouts)
-    bo = sub.add_parser("boot", help="boot a guest kernel (Multiboot) on the virtual PC; serial console on stdio; "
+    bo = sub.add_parser("boot", help="boot a guest kernel on the virtual PC; serial console on stdio; "
                                      "with no -kernel, the built-in demo guest")
-    bo.add_argument("-kernel", metavar="FILE", help="Multiboot kernel (ELF or a.out kludge)")
-    bo.add_argument("-initrd", metavar="FILE", help="initial ramdisk (needs the Linux boot protocol: not yet)")
+    bo.add_argument("-kernel", metavar="FILE", help="Linux bzImage (32-bit boot protocol) or Multiboot kernel")
+    bo.add_argument("-initrd", metavar="FILE", help="initial ramdisk for a Linux kernel")
     bo.add_argument("-append", metavar="CMDLINE", help="kernel command line")
     bo.add_argument("-m", metavar="MB", type=int, default=128, help="guest RAM in MiB (default 128)")
     bo.add_argument("-icount", action="store_true", help="virtual time counts guest instructions (deterministic)")
@@ -144,6 +156,12 @@ def build_parser():
     rn.add_argument("--clean-env", action="store_true", help="start from an empty environment")
     rn.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM ARGS")
     rn.set_defaults(fn=_cmd_run)
+    pr = sub.add_parser("profile", help="run a guest (run or exec) and report the code cache's counters",
+                        usage="btvm profile [--json FILE] [--top N] (run|exec) ARGS...")
+    pr.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    pr.add_argument("--top", metavar="N", type=int, default=10, help="hottest blocks to list (default 10)")
+    pr.add_argument("target", nargs=argparse.REMAINDER, metavar="(run|exec) ARGS")
+    pr.set_defaults(fn=_cmd_profile)
     return p
 
 

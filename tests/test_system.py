@@ -343,7 +343,7 @@ def test_triple_fault_stops_the_vm():
 def test_boot_cli_errors(tmp_path):
     bad = tmp_path / "k"
     bad.write_bytes(b"not a kernel" * 100)
-    for args, msg in ((["-kernel", str(bad)], "not a Multiboot kernel"),
+    for args, msg in ((["-kernel", str(bad)], "neither a Linux bzImage"),
                       (["-kernel", str(tmp_path / "missing")], "no such file"),
                       (["-m", "1"], "between")):
         out = subprocess.run([sys.executable, "-m", "runtime.cli", "boot", *args], capture_output=True, text=True)

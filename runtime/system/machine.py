@@ -71,6 +71,22 @@ class Machine:
         cpu.set_reg("eip", entry)
         cpu.set_eflags(2)
 
+    def load_linux(self, image, cmdline="", initrd=None):
+        from runtime.boot import linux
+        from .descriptors import Segment
+        entry = linux.load(image, self.cpu.write_phys, self.ram_size, cmdline, initrd)
+        cpu = self.cpu
+        cpu.gdtr = entry["gdt"]
+        for r in (S.ES, S.SS, S.DS, S.FS, S.GS):
+            cpu.segs[r] = Segment.flat(entry["ds"], False)
+        cpu.segs[S.CS] = Segment.flat(entry["cs"], True)
+        cpu.sync_segments()
+        for r in ("eax", "ebx", "ecx", "edx", "edi", "ebp", "esp"):
+            cpu.set_reg(r, 0)
+        cpu.set_reg("esi", entry["esi"])
+        cpu.set_reg("eip", entry["eip"])
+        cpu.set_eflags(2)
+
     # ---- running -------------------------------------------------------------------------------------
     def _interrupt(self):
         cpu = self.cpu
