@@ -30,9 +30,9 @@ EXIT_SMC = 5         # a store hit translated code; eip at the next instruction
 
 NO_ERROR_CODE = 0xFFFFFFFF
 
-TLB_BITS = 8
+TLB_BITS = 10
 TLB_SIZE = 1 << TLB_BITS
-TLB_INVALID = 1          # never equal to a page-aligned tag
+TLB_INVALID = 0xFFFFFFFF   # never equal to a page-aligned tag; all-ones so a flush is one memset
 TLB_READ, TLB_WRITE = 0, 1
 TLB_KINDS = 2
 TLB_PRIVS = 2            # 0: supervisor (CPL 0-2), 1: user (CPL 3)

@@ -148,8 +148,7 @@ class CPU:
 
     # ---- soft-MMU slow paths (called from translated code) --------------------------
     def tlb_flush(self):
-        for e in self.st.tlb:
-            e.tag = S.TLB_INVALID
+        ctypes.memset(ctypes.addressof(self.st) + S.offset("tlb"), 0xFF, ctypes.sizeof(self.st.tlb))
 
     def tlb_flush_page(self, page):
         i = (page >> 12) & (S.TLB_SIZE - 1)

@@ -7,6 +7,7 @@ delivery of exceptions and interrupts through the guest IDT (SDM Vol. 3A,
 chapter 6).  Sensitive and privileged instructions reach it as callouts
 (runtime/system/callouts.py).
 """
+import ctypes
 import struct
 
 from bt import state as S
@@ -43,6 +44,8 @@ class SystemCPU(CPU):
         self.walker = Walker(self.read_phys32, self.write_phys32)
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
+        self.block_phys = {}    # (eip, key) -> physical page the block was translated from
+        self.insn_cache = {}
         super().__init__(mem, S.make_key(cpl=0))
         self.sync_segments()
 
@@ -207,23 +210,75 @@ class SystemCPU(CPU):
         if not v & CR0_PE:
             raise Stop("unsupported", message="real mode (CR0.PE=0) is not implemented", eip=self.st.eip)
         changed = (self.cr0 ^ v) & (CR0_PG | CR0_WP | CR0_PE)
+        if changed:
+            self._record_block_phys()
         self.cr0 = v & 0xE005003F
         if changed:
-            self.flush_translations()
+            self.switch_address_space()
         self.update_key()
 
+    def _record_block_phys(self):
+        """Before the mapping changes: remember the physical page of every block translated under
+        the current one (blocks of a batch are installed without passing through _miss)."""
+        for k in self.cache.blocks:
+            if k not in self.block_phys:
+                try:
+                    self.block_phys[k] = self.translate(k[0], False, S.key_cpl(k[1]) == 3, True)[0] & ~0xFFF
+                except PageFault:
+                    self.block_phys[k] = None
+
     def set_cr3(self, v):
+        self._record_block_phys()
         self.cr3 = v & 0xFFFFF018
-        # Blocks are looked up by linear address: a new address space needs a fresh view.
-        self.flush_translations()
+        self.switch_address_space()
+
+    def switch_address_space(self):
+        """A new linear->physical mapping: translated blocks are kept (each is re-checked against
+        the physical page it was translated from when next looked up), but every path that
+        reaches a block without a lookup - chained exits and the native jump cache - is cut."""
+        self.tlb_flush()
+        cache = self.cache
+        for slot in list(cache.slot_target):
+            cache._unlink_slot(slot)
+        ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
+        self.counters_switches = getattr(self, "counters_switches", 0) + 1
+
+    def _miss(self):
+        eip, key = self.st.eip, self.key
+        tb = self.cache.blocks.get((eip, key))
+        if tb is not None:
+            try:
+                phys = self.translate(eip, False, self.cpl == 3, True)[0] & ~0xFFF
+            except PageFault:
+                phys = None
+            if self.block_phys.get((eip, key), phys) != phys:
+                self.cache.forget(tb, "remap")
+        super()._miss()
+        try:
+            self.block_phys[(eip, key)] = self.translate(eip, False, self.cpl == 3, True)[0] & ~0xFFF
+        except PageFault:
+            pass
+
+    def insn_at(self, eip):
+        """Decoded callout instruction, cached by address and checked against the current bytes."""
+        k = (eip, self.key)
+        insn = self.insn_cache.get(k)
+        if insn is not None and self._fetch(eip, insn.size) == insn.raw:
+            return insn
+        insn = super().insn_at(eip)
+        self.insn_cache[k] = insn
+        return insn
 
     def set_cr4(self, v):
         if v & ~(CR4_TSD | 0x8 | CR4_PSE | CR4_PGE | 0x200 | 0x400):
             raise GuestFault(GP, 0)
         changed = (self.cr4 ^ v) & (CR4_PSE | CR4_PGE)
+        if changed:
+            self._record_block_phys()
         self.cr4 = v
         if changed:
-            self.flush_translations()
+            # Linux flushes global TLB entries by toggling PGE: only the TLB has to go.
+            self.switch_address_space()
 
     @property
     def eflags(self):
