@@ -5,12 +5,14 @@ branches, links direct exits ("chaining") by patching chain slots and keeps
 the back-links that make unlinking exact when a block is invalidated.  Every
 decision bumps a named counter; the profiler reads only the counters.
 """
+import secrets
 import time
 from collections import Counter, defaultdict, deque
 
 from . import state as S
 from .decode import decode_block, DecodeError
 from .jit import ModuleText, shared_jit
+from . import diskcache, emit
 from .semantics import ends_block, Unsupported
 from .translate import translate_block, static_successors
 
@@ -19,29 +21,54 @@ import ctypes
 # Blocks compiled in this process, by (eip, key, guest bytes): a second machine
 # running the same code (the corpus, a re-run) reuses them instead of compiling.
 _MEMO = {}
+# First function name of every disk-cache entry loaded into this process (its symbols are taken).
+_LOADED = set()
+# When a list (set by `btvm profile`), every CodeCache created appends itself to it.
+TRACK = None
+_DISKS = {}
+
+
+def shared_disk(jit):
+    """The persistent cache for jit's code (None when disabled), one per folder and engine."""
+    root = diskcache.default_dir()
+    if root is None:
+        return None
+    k = (str(root), id(jit), emit.COUNT_EXECS)
+    d = _DISKS.get(k)
+    if d is None:
+        d = _DISKS[k] = diskcache.DiskCache(root, jit.fingerprint() + f"|count={emit.COUNT_EXECS}")
+    return d
 
 
 class TB:
     """A translated block."""
-    __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "name")
+    __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "name",
+                 "counter")
 
     def __init__(self, block, fn, slots, name):
         self.eip, self.key, self.block = block.eip, block.key, block
         self.fn, self.slots, self.name = fn, slots, name
         self.pages = block.pages()
-        self.ninsns = len(block.insns)
+        self.ninsns = block.ninsns if isinstance(block, diskcache.StoredBlock) else len(block.insns)
         self.owner = None
         self.execs = 0
         self.memo_key = (block.eip, block.key, block.raw)
+        self.counter = 0          # address of the block's execution counter (COUNT_EXECS), else 0
+
+    def executions(self):
+        return ctypes.c_uint64.from_address(self.counter).value if self.counter else None
 
 
 class CodeCache:
-    def __init__(self, fetch, on_code_page=None, jit=None, batch=16, batch_insns=256, max_blocks=200_000):
+    def __init__(self, fetch, on_code_page=None, jit=None, batch=16, batch_insns=256, max_blocks=200_000,
+                 disk=None):
         """fetch(addr, n) -> bytes of executable guest memory; on_code_page(page) is
-        called when a page first holds translated code (so the memory can trap writes)."""
+        called when a page first holds translated code (so the memory can trap writes).
+        disk: a bt.diskcache.DiskCache, False for none, None for the shared default."""
         self.fetch = fetch
         self.on_code_page = on_code_page or (lambda page: None)
         self.jit = jit or shared_jit()
+        self.disk = shared_disk(self.jit) if disk is None else (disk or None)
         self.batch = batch
         self.batch_insns = batch_insns
         self.max_blocks = max_blocks
@@ -54,6 +81,8 @@ class CodeCache:
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
         self.compile_log = []                 # (time, blocks, seconds) per batch
+        if TRACK is not None:
+            TRACK.append(self)
 
     @property
     def jmp_cache_addr(self):
@@ -112,12 +141,20 @@ class CodeCache:
 
     def _translate(self, eip, key):
         t0 = time.perf_counter()
+        window = None
+        if self.disk is not None:
+            window = self.fetch(eip, diskcache.WINDOW)
+            tb = self._from_disk(eip, key, window)
+            if tb is not None:
+                self.counters["translate_seconds_x1e6"] += int((time.perf_counter() - t0) * 1e6)
+                return tb
         first = self._decode(eip, key)
         if not first.insns:
             raise DecodeError(first.stop_reason or "undecodable")
         todo = deque([first])
         seen = {eip}
         mt = ModuleText(f"batch{self.jit.modules}")
+        uid = secrets.token_hex(6)      # symbol names unique across processes sharing the disk cache
         pending = []
         adopted = []
         insns = 0
@@ -129,7 +166,7 @@ class CodeCache:
             if hit is not None:
                 adopted.append(hit)
             else:
-                name = f"b{blk.eip:08x}_{blk.key:x}_{len(_MEMO) + len(pending)}"
+                name = f"b{blk.eip:08x}_{blk.key:x}_{uid}_{len(pending)}"
                 try:
                     blk2, slots = translate_block(blk, name, mt)
                 except Unsupported:
@@ -147,9 +184,10 @@ class CodeCache:
                     if b.insns:
                         todo.append(b)
         self.counters["translate_seconds_x1e6"] += int((time.perf_counter() - t0) * 1e6)
+        fresh = set()
         if pending:
             t1 = time.perf_counter()
-            fns, slots = self.jit.compile(mt, [n for _, n, _ in pending])
+            fns, slots, obj = self.jit.compile(mt, [n for _, n, _ in pending], want_object=True)
             dt = time.perf_counter() - t1
             self.counters["compile_us"] += int(dt * 1e6)
             self.counters["compiled_blocks"] += len(pending)
@@ -157,15 +195,28 @@ class CodeCache:
             self.compile_log.append((time.perf_counter(), len(pending), dt))
             for blk, name, sl in pending:
                 tb = TB(blk, fns[name], [slots[s] for s in sl], name)
+                self._attach_counter(tb)
                 _MEMO[tb.memo_key] = tb
                 adopted.append(tb)
+                fresh.add(tb)
+            if self.disk is not None and pending[0][0].eip == eip:
+                _LOADED.add(pending[0][1])
+                if self.disk.store(eip, key, window, [(b.eip, b.raw, len(b.insns), n, sl) for b, n, sl in pending], obj):
+                    self.counters["persistent_stores"] += 1
+        return self._adopt(adopted, eip, key, fresh)
+
+    def _attach_counter(self, tb):
+        if emit.COUNT_EXECS:
+            tb.counter = self.jit.engine.get_global_value_address(tb.name + "_n")
+
+    def _adopt(self, tbs, eip, key, fresh=()):
         result = None
-        for tb in adopted:
+        for tb in tbs:
             if (tb.eip, tb.key) in self.blocks:
                 continue
             if tb.owner is not None and tb.owner is not self:
                 tb.owner.forget(tb)
-            if tb.name not in [n for _, n, _ in pending]:
+            if tb not in fresh:
                 self.counters["memo_hits"] += 1
             self._install(tb)
             if tb.eip == eip:
@@ -173,6 +224,32 @@ class CodeCache:
         if result is None:
             result = self.blocks[(eip, key)]
         return result
+
+    def _from_disk(self, eip, key, window):
+        """Install the blocks of a persistent-cache entry for (eip, key); returns the TB at eip or None."""
+        ent = self.disk.lookup(eip, key, window, self.fetch)
+        if ent is None:
+            return None
+        names = [name for _, name, _ in ent.blocks]
+        if not names or names[0] in _LOADED:
+            return None
+        try:
+            fns, slots = self.jit.load_object(ent.obj, names, [s for _, _, sl in ent.blocks for s in sl])
+        except Exception:
+            self.counters["persistent_errors"] += 1
+            return None
+        _LOADED.add(names[0])
+        tbs = []
+        for blk, name, sl in ent.blocks:
+            tb = TB(blk, fns[name], [slots[s] for s in sl], name)
+            self._attach_counter(tb)
+            _MEMO.setdefault(tb.memo_key, tb)
+            tbs.append(tb)
+        self.counters["persistent_hits"] += len(tbs)
+        self.counters["persistent_batches"] += 1
+        if all(tb.eip != eip for tb in tbs):
+            return None
+        return self._adopt(tbs, eip, key, fresh=set(tbs))
 
     def _install(self, tb):
         if len(self.blocks) >= self.max_blocks:

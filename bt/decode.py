@@ -205,7 +205,8 @@ def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS):
     blk = Block(eip, key)
     cs = _disassembler(bits)
     pos = eip
-    for ci in cs.disasm(code, eip):
+    # count bounds the work: the binding decodes (with detail) everything it is given up front.
+    for ci in cs.disasm(code, eip, max_insns):
         if ci.address != pos:
             break
         insn = normalize(ci, bits)

@@ -14,6 +14,9 @@ from . import state as S
 from .state import offset
 
 PTR = "ptr"
+# Set (before any translation) by `btvm profile`: every block counts its executions in a
+# global `@<name>_n` (part of the disk cache's version, see bt.cache.shared_disk).
+COUNT_EXECS = False
 ITY = {1: "i8", 2: "i16", 4: "i32", 8: "i64"}
 
 
@@ -28,8 +31,66 @@ class V:
         return f"{self.t} {self.s}"
 
 
+class Lazy:
+    """A value computed only when first read (a thunk): `fn()` emits its IR at the point of use.
+
+    The result is cached with the scope it was forced in: a value forced on the
+    main line dominates everything after it and is reused; one forced on a side
+    path (an exit arm, a fault exit) is valid only on that path."""
+    __slots__ = ("fn", "t", "v", "scope")
+
+    def __init__(self, fn, t):
+        self.fn, self.t, self.v, self.scope = fn, t, None, None
+
+    def __repr__(self):
+        return f"<lazy {self.t}>"
+
+
 def bits_of(t):
     return int(t[1:])
+
+
+def cval(v):
+    """The integer value of a constant V (as emitted by const), else None."""
+    s = v.s
+    c = s[0]
+    if c == "%":
+        return None
+    if c == "t" and s == "true":
+        return 1
+    if c == "f" and s == "false":
+        return 0
+    if c == "-" or c.isdigit():
+        return int(s)
+    return None
+
+
+def _unsigned(x, t):
+    return x & ((1 << bits_of(t)) - 1)
+
+
+def _signed(x, t):
+    n = bits_of(t)
+    x &= (1 << n) - 1
+    return x - (1 << n) if x >> (n - 1) else x
+
+
+_FOLD = {
+    "add": lambda a, b, t: a + b, "sub": lambda a, b, t: a - b, "mul": lambda a, b, t: a * b,
+    "and": lambda a, b, t: a & b, "or": lambda a, b, t: a | b, "xor": lambda a, b, t: a ^ b,
+    "shl": lambda a, b, t: _unsigned(a, t) << b if 0 <= b < bits_of(t) else None,
+    "lshr": lambda a, b, t: _unsigned(a, t) >> b if 0 <= b < bits_of(t) else None,
+    "ashr": lambda a, b, t: _signed(a, t) >> b if 0 <= b < bits_of(t) else None,
+}
+# x OP identity == x
+_RIGHT_IDENTITY = {"add": 0, "sub": 0, "or": 0, "xor": 0, "shl": 0, "lshr": 0, "ashr": 0, "mul": 1}
+_ICMP = {
+    "eq": lambda a, b, t: a == b, "ne": lambda a, b, t: a != b,
+    "ult": lambda a, b, t: _unsigned(a, t) < _unsigned(b, t), "ule": lambda a, b, t: _unsigned(a, t) <= _unsigned(b, t),
+    "ugt": lambda a, b, t: _unsigned(a, t) > _unsigned(b, t), "uge": lambda a, b, t: _unsigned(a, t) >= _unsigned(b, t),
+    "slt": lambda a, b, t: _signed(a, t) < _signed(b, t), "sle": lambda a, b, t: _signed(a, t) <= _signed(b, t),
+    "sgt": lambda a, b, t: _signed(a, t) > _signed(b, t), "sge": lambda a, b, t: _signed(a, t) >= _signed(b, t),
+}
 
 
 def const(value, t):
@@ -42,6 +103,10 @@ def const(value, t):
     return V(str(value), t)
 
 
+_FLAG_ORDER = tuple(S.FLAG_BIT.items())
+_ALL_FLAGS_MASK = S.STATUS_MASK | (1 << S.DF)
+
+
 class Emitter:
     """Builds one block function `i32 @name(ptr %st)` following the exit contract in bt.state."""
 
@@ -52,6 +117,8 @@ class Emitter:
         self.module = module          # bt.jit.ModuleText: declarations, slot globals
         self.priv = 1 if S.key_cpl(key) == 3 else 0
         self.lines = []
+        self.entry_lines = []         # hoisted state-field pointers (the entry block dominates all)
+        self.fields = {}
         self.n = 0
         self.label = "entry"
         self.ninsns = len(block.insns)
@@ -60,7 +127,33 @@ class Emitter:
         self.slots = []               # names of chain-slot globals of this block's direct exits
         self.terminated = False
         self.deferred = []            # out-of-line code (fault exits) appended after the body
+        self.main_scope = self.scope = object()
+        self.packs = {}
         self._emit_prologue()
+
+    # ---- lazy values ------------------------------------------------------------
+    def lazy(self, fn, t="i1"):
+        """A value of type t whose IR `fn()` emits only if (and where) it is first read."""
+        return Lazy(fn, t)
+
+    def force(self, x):
+        if type(x) is not Lazy:
+            return x
+        if x.v is not None and (x.scope is self.main_scope or x.scope is self.scope):
+            return x.v
+        v = x.fn()
+        if type(v) is Lazy:
+            v = self.force(v)
+        x.v, x.scope = v, self.scope
+        return v
+
+    f = force
+
+    def _enter_side(self):
+        """Start a side path (code that does not dominate what follows on the main line)."""
+        saved = self.scope
+        self.scope = object()
+        return saved
 
     # ---- low-level IR text -------------------------------------------------
     def tmp(self):
@@ -75,8 +168,9 @@ class Emitter:
         self.lines.append("  " + line)
 
     def op(self, text, t):
-        r = self.tmp()
-        self.emit(f"{r} = {text}")
+        self.n += 1
+        r = f"%v{self.n}"
+        self.lines.append(f"  {r} = {text}")
         return V(r, t)
 
     def set_label(self, label):
@@ -89,11 +183,12 @@ class Emitter:
         self.terminated = True
 
     def cbr(self, cond, l_true, l_false):
+        cond = self.f(cond)
         self.emit(f"br i1 {cond.s}, label %{l_true}, label %{l_false}")
         self.terminated = True
 
     def phi(self, t, incoming):
-        arms = ", ".join(f"[ {v.s}, %{lab} ]" for v, lab in incoming)
+        arms = ", ".join(f"[ {self.f(v).s}, %{lab} ]" for v, lab in incoming)
         return self.op(f"phi {t} {arms}", t)
 
     # ---- arithmetic helpers ------------------------------------------------
@@ -101,7 +196,20 @@ class Emitter:
         return const(value, t)
 
     def bin(self, opname, a, b):
+        f = self.f
+        a, b = f(a), f(b)
         assert a.t == b.t, (opname, a, b)
+        cb = cval(b)
+        if cb is not None:
+            ca = cval(a)
+            if ca is not None:
+                fold = _FOLD.get(opname)
+                if fold is not None:
+                    r = fold(ca, cb, a.t)
+                    if r is not None:
+                        return const(r, a.t)
+            elif _RIGHT_IDENTITY.get(opname) == cb or (opname == "and" and cb == -1):
+                return a
         return self.op(f"{opname} {a.t} {a.s}, {b.s}", a.t)
 
     def add(self, a, b): return self.bin("add", a, b)
@@ -115,19 +223,40 @@ class Emitter:
     def mul(self, a, b): return self.bin("mul", a, b)
 
     def not_(self, a):
+        a = self.f(a)
         return self.xor(a, const(-1, a.t))
 
     def icmp(self, pred, a, b):
+        a, b = self.f(a), self.f(b)
         assert a.t == b.t, (pred, a, b)
+        ca, cb = cval(a), cval(b)
+        if ca is not None and cb is not None:
+            return const(1 if _ICMP[pred](ca, cb, a.t) else 0, "i1")
         return self.op(f"icmp {pred} {a.t} {a.s}, {b.s}", "i1")
 
     def select(self, cond, a, b):
+        cond = self.f(cond)
+        cc = cval(cond)
+        if cc is not None:
+            r = self.f(a if cc else b)
+            assert r.t == (b if cc else a).t
+            return r
+        a, b = self.f(a), self.f(b)
         assert a.t == b.t and cond.t == "i1"
         return self.op(f"select i1 {cond.s}, {a.t} {a.s}, {b.t} {b.s}", a.t)
 
     def cast(self, kind, v, t):
+        v = self.f(v)
         if v.t == t:
             return v
+        cv = cval(v)
+        if cv is not None:
+            if kind == "zext":
+                return const(_unsigned(cv, v.t), t)
+            if kind == "sext":
+                return const(_signed(cv, v.t), t)
+            if kind == "trunc":
+                return const(cv, t)
         return self.op(f"{kind} {v.t} {v.s} to {t}", t)
 
     def zext(self, v, t): return self.cast("zext", v, t)
@@ -136,6 +265,7 @@ class Emitter:
 
     def resize(self, v, t, signed=False):
         """Zero/sign-extend or truncate v to type t."""
+        v = self.f(v)
         if bits_of(v.t) < bits_of(t):
             return self.sext(v, t) if signed else self.zext(v, t)
         return self.trunc(v, t)
@@ -148,23 +278,34 @@ class Emitter:
         return self.bit(v, bits_of(v.t) - 1)
 
     def intrinsic(self, name, ret, args):
+        args = [self.f(a) for a in args]
         self.module.declare(f"declare {ret} @{name}({', '.join(a.t for a in args)})")
         return self.op(f"call {ret} @{name}({', '.join(repr(a) for a in args)})", ret)
 
     # ---- CPU state access ---------------------------------------------------
     def field(self, off):
-        return self.op(f"getelementptr i8, ptr %st, i64 {off}", PTR)
+        """Pointer to the state field at byte offset off (computed once, in the entry block)."""
+        p = self.fields.get(off)
+        if p is None:
+            p = self.fields[off] = V(f"%f{off}", PTR)
+            self.entry_lines.append(f"  %f{off} = getelementptr i8, ptr %st, i64 {off}")
+        return p
 
     def load_field(self, off, t):
         p = self.field(off)
         return self.op(f"load {t}, ptr {p.s}", t)
 
     def store_field(self, off, v):
+        v = self.f(v)
         p = self.field(off)
         self.emit(f"store {v.t} {v.s}, ptr {p.s}")
 
     def _emit_prologue(self):
         self.lines.append("entry:")
+        if COUNT_EXECS:
+            g = self.module.new_counter(self.name)
+            n = self.op(f"load i64, ptr @{g}", "i64")
+            self.emit(f"store i64 {self.add(n, const(1, 'i64')).s}, ptr @{g}")
         budget = self.load_field(offset("budget"), "i64")
         ok = self.icmp("sge", budget, const(self.ninsns, "i64"))
         go, out = self.new_label("go"), self.new_label("nobudget")
@@ -175,35 +316,66 @@ class Emitter:
         self.store_field(offset("budget"), self.sub(budget, const(self.ninsns, "i64")))
         self.reload()
 
+    def _lazy_load(self, off, t):
+        return Lazy(lambda: self.load_field(off, t), t)
+
     def reload(self):
-        """(Re)load every register and flag from the state into fresh SSA values."""
+        """(Re)load every register and flag from the state: lazily, each at its first read."""
+        self.main_scope = self.scope = object()     # values cached before do not dominate what follows
         regs_off = offset("regs")
-        self.regs = [self.load_field(regs_off + 4 * i, "i32") for i in range(8)]
-        ef = self.load_field(offset("eflags"), "i32")
-        self.flags = {f: self.bit(ef, S.FLAG_BIT[f]) for f in S.FLAG_BIT}
-        mask = S.STATUS_MASK | (1 << S.DF)
-        self.eflags_other = self.and_(ef, const(~mask, "i32"))
+        self.regs = [self._lazy_load(regs_off + 4 * i, "i32") for i in range(8)]
+        ef = self.ef = self._lazy_load(offset("eflags"), "i32")
+        self.flags = {f: Lazy(lambda b=b: self.bit(ef, b), "i1") for f, b in _FLAG_ORDER}
+        self.eflags_other = Lazy(lambda: self.and_(ef, const(~_ALL_FLAGS_MASK, "i32")), "i32")
         self.dirty_regs = set()
         self.dirty_flags = set()
         self.dirty_other = False
 
-    def _store_values(self, regs, flags, other, dirty_regs, dirty_flags, dirty_other):
+    def _packed_eflags(self, flags, other, dirty_flags, dirty_other, ef):
+        """The EFLAGS image to store: the entry value with the modified flags replaced.
+        Memoized: exits that see the same flag values share one (main-line) computation."""
+        if dirty_other:
+            base, packed = other, _FLAG_ORDER
+        else:
+            base, packed = ef, [(f, b) for f, b in _FLAG_ORDER if f in dirty_flags]
+        key = (base,) + tuple(flags[f] for f, _ in packed)
+        hit = self.packs.get(key)
+        if hit is not None and (hit[1] is self.main_scope or hit[1] is self.scope):
+            return hit[0]
+        if dirty_other:
+            v = other
+        else:
+            mask = 0
+            for f, b in packed:
+                mask |= 1 << b
+            v = self.and_(ef, const(~mask, "i32"))
+        for f, bitpos in packed:
+            v = self.or_(v, self.shl(self.zext(flags[f], "i32"), const(bitpos, "i32")))
+        self.packs[key] = (v, self.scope)
+        return v
+
+    def _exit_stores(self, regs, flags, other, dirty_regs, dirty_flags, dirty_other, ef):
+        """[(state offset, value)] an exit with this state writes back (computed where called)."""
         regs_off = offset("regs")
-        for i in sorted(dirty_regs):
-            self.store_field(regs_off + 4 * i, regs[i])
+        out = [(regs_off + 4 * i, self.f(regs[i])) for i in sorted(dirty_regs)]
         if dirty_flags or dirty_other:
-            ef = other
-            for f, bitpos in S.FLAG_BIT.items():
-                ef = self.or_(ef, self.shl(self.zext(flags[f], "i32"), const(bitpos, "i32")))
-            self.store_field(offset("eflags"), ef)
+            out.append((offset("eflags"), self._packed_eflags(flags, other, dirty_flags, dirty_other, ef)))
+        return out
+
+    def _store_values(self, *state):
+        for off, v in self._exit_stores(*state):
+            self.store_field(off, v)
+
+    def _state(self):
+        return (self.regs, self.flags, self.eflags_other,
+                self.dirty_regs, self.dirty_flags, self.dirty_other, self.ef)
 
     def flush(self):
         """Write every modified register and flag back to the state.
 
         Exits on side paths flush too, so the dirty sets are kept: code after
         a side exit still owes the same stores.  Only reload() resets them."""
-        self._store_values(self.regs, self.flags, self.eflags_other,
-                           self.dirty_regs, self.dirty_flags, self.dirty_other)
+        self._store_values(*self._state())
 
     # ---- instruction bracketing -------------------------------------------
     def begin_insn(self, k, insn):
@@ -214,11 +386,20 @@ class Emitter:
     def take_snapshot(self):
         """Record the values a fault exit restores (the current instruction's start)."""
         self.snapshot = (list(self.regs), dict(self.flags), self.eflags_other,
-                         set(self.dirty_regs), set(self.dirty_flags), self.dirty_other)
+                         set(self.dirty_regs), set(self.dirty_flags), self.dirty_other, self.ef)
         self.fault_label = None
+        self.fault_ready = False
+
+    def _prepare_fault_exit(self):
+        """Compute the fault exit's values on the main line (before the first branch to it), so
+        the out-of-line exit only stores them and later code can reuse them."""
+        if not self.fault_ready:
+            self._exit_stores(*self.snapshot)
+            self.fault_ready = True
 
     def end_insn(self):
         if self.smc_check and not self.terminated:
+            self._exit_stores(*self._state())     # on the main line: the exit arm reuses them
             smc = self.load_field(offset("smc"), "i32")
             hit = self.icmp("ne", smc, const(0, "i32"))
             out, cont = self.new_label("smc"), self.new_label("c")
@@ -236,7 +417,7 @@ class Emitter:
         """Label of this instruction's precise fault exit (state as at its start)."""
         if self.fault_label is None:
             self.fault_label = self.new_label("fault")
-            saved = (self.lines, self.label, self.terminated)
+            saved = (self.lines, self.label, self.terminated, self._enter_side())
             self.lines = []
             self.set_label(self.fault_label)
             self._store_values(*self.snapshot)
@@ -244,11 +425,13 @@ class Emitter:
             self.refund(self.ninsns - self.k)
             self.emit(f"ret i32 {S.EXIT_EXCEPTION}")
             self.deferred.extend(self.lines)
-            self.lines, self.label, self.terminated = saved
+            self.lines, self.label, self.terminated, self.scope = saved
         return self.fault_label
 
     def raise_if(self, cond, vector, error=None):
         """Raise exception `vector` (precisely) when cond (i1) holds."""
+        cond = self.f(cond)
+        self._prepare_fault_exit()
         lab, cont = self.new_label("exc"), self.new_label("c")
         self.cbr(cond, lab, cont)
         self.set_label(lab)
@@ -258,6 +441,7 @@ class Emitter:
         self.set_label(cont)
 
     def raise_now(self, vector, error=None):
+        self._prepare_fault_exit()
         self.store_field(offset("exc_vector"), self.c(vector))
         self.store_field(offset("exc_error"), self.c(S.NO_ERROR_CODE if error is None else error))
         self.br(self._fault_exit_label())
@@ -265,7 +449,7 @@ class Emitter:
     # ---- registers and flags ----------------------------------------------
     def reg(self, r):
         """Read a decode.Reg view."""
-        v = self.regs[r.index if r.width != 1 or not r.hi else r.index]
+        v = self.f(self.regs[r.index])
         if r.width == 4:
             return v
         if r.width == 2:
@@ -277,7 +461,7 @@ class Emitter:
     def set_reg(self, r, v):
         old = self.regs[r.index]
         if r.width == 4:
-            new = v
+            new = self.f(v)
         elif r.width == 2:
             new = self.or_(self.and_(old, self.c(0xFFFF0000)), self.zext(v, "i32"))
         elif r.hi:
@@ -288,16 +472,18 @@ class Emitter:
         self.dirty_regs.add(r.index)
 
     def reg32(self, i):
-        return self.regs[i]
+        return self.f(self.regs[i])
 
     def set_reg32(self, i, v):
-        self.regs[i] = v
+        self.regs[i] = self.f(v)
         self.dirty_regs.add(i)
 
     def flag(self, name):
+        """The flag's value: a V or a Lazy (arithmetic helpers force it where it is used)."""
         return self.flags[name]
 
     def set_flag(self, name, v):
+        """Set a flag to an i1 V or Lazy; a Lazy overwritten before it is read is never emitted."""
         assert v.t == "i1"
         self.flags[name] = v
         self.dirty_flags.add(name)
@@ -359,6 +545,8 @@ class Emitter:
     def load(self, addr, size):
         """Load size bytes at linear address addr (i32); returns iN."""
         t = ITY[size]
+        addr = self.f(addr)
+        self._prepare_fault_exit()
         hit, ent = self._tlb_probe(addr, size, S.TLB_READ)
         fast, slow, join = self.new_label("ld"), self.new_label("lds"), self.new_label("ldj")
         self.cbr(hit, fast, slow)
@@ -379,6 +567,8 @@ class Emitter:
 
     def store(self, addr, v):
         """Store v (iN) at linear address addr (i32)."""
+        addr, v = self.f(addr), self.f(v)
+        self._prepare_fault_exit()
         size = bits_of(v.t) // 8
         hit, ent = self._tlb_probe(addr, size, S.TLB_WRITE)
         fast, slow, join = self.new_label("st"), self.new_label("sts"), self.new_label("stj")
@@ -400,6 +590,8 @@ class Emitter:
 
         Used by instructions that store more than once, so that the first
         store cannot land when a later one faults."""
+        addr = self.f(addr)
+        self._prepare_fault_exit()
         hit, _ = self._tlb_probe(addr, size, S.TLB_WRITE)
         slow, join = self.new_label("pw"), self.new_label("pwj")
         self.cbr(hit, join, slow)
@@ -457,16 +649,21 @@ class Emitter:
         self.store_field(offset("eip"), eip)
 
     def exit_code(self, code, eip, refund=0):
-        """Leave the block returning `code` with eip set."""
+        """Leave the block returning `code` with eip set (the path ends here: a side path)."""
+        eip = self.f(eip)
+        saved = self._enter_side()
         self.flush()
         self._store_eip(eip)
         self.refund(refund)
         self.emit(f"ret i32 {code}")
         self.terminated = True
+        self.scope = saved
 
-    def exit_direct(self, target):
+    def exit_direct(self, target, flushed=False):
         """Leave to a constant guest address through a patchable chain slot."""
-        self.flush()
+        saved = self._enter_side()
+        if not flushed:
+            self.flush()
         self._store_eip(self.c(target))
         slot = self.module.new_slot(self.name)
         self.slots.append(slot)
@@ -482,9 +679,12 @@ class Emitter:
         self.store_field(offset("chain_from"), addr)
         self.emit(f"ret i32 {S.EXIT_LOOKUP}")
         self.terminated = True
+        self.scope = saved
 
     def exit_indirect(self, eip):
         """Leave to a computed guest address through the native jump cache."""
+        eip = self.f(eip)
+        saved = self._enter_side()
         self.flush()
         self._store_eip(eip)
         jc = self.load_field(offset("jmp_cache"), PTR)
@@ -505,15 +705,23 @@ class Emitter:
         self.store_field(offset("chain_from"), const(0, "i64"))
         self.emit(f"ret i32 {S.EXIT_LOOKUP}")
         self.terminated = True
+        self.scope = saved
 
     def branch(self, cond, taken, fallthrough):
-        """End the block with a conditional direct branch."""
+        """End the block with a conditional direct branch (the state is written back once,
+        before the branch, for both arms)."""
+        cond = self.f(cond)
+        self.flush()
+        cc = cval(cond)
+        if cc is not None:
+            self.exit_direct(taken if cc else fallthrough, flushed=True)
+            return
         t, f = self.new_label("taken"), self.new_label("nt")
         self.cbr(cond, t, f)
         self.set_label(t)
-        self.exit_direct(taken)
+        self.exit_direct(taken, flushed=True)
         self.set_label(f)
-        self.exit_direct(fallthrough)
+        self.exit_direct(fallthrough, flushed=True)
 
     def callout(self, callout_id, arg=None):
         """End the block at this instruction, handing it to the VMM (bt.sensitive)."""
@@ -523,5 +731,5 @@ class Emitter:
         self.exit_code(S.EXIT_CALLOUT, self.c(self.insn.addr), refund=self.ninsns - self.k)
 
     def text(self):
-        body = "\n".join(self.lines + self.deferred)
+        body = "\n".join(self.lines[:1] + self.entry_lines + self.lines[1:] + self.deferred)
         return f"define i32 @{self.name}(ptr %st) {{\n{body}\n}}\n"

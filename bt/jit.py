@@ -1,8 +1,12 @@
 """llvmlite engine: compiles batches of translated blocks (one LLVM module per batch)."""
+import os
 import threading
 import time
 
 import llvmlite.binding as llvm
+
+# BTVM_VERIFY=1 runs LLVM's IR verifier on every module (the tests do; the hot path does not).
+VERIFY = os.environ.get("BTVM_VERIFY", "") not in ("", "0")
 
 _init_lock = threading.Lock()
 _initialized = False
@@ -24,6 +28,7 @@ class ModuleText:
         self.name = name
         self.decls = set()
         self.slots = []
+        self.counters = []
         self.functions = []
 
     def declare(self, line):
@@ -34,10 +39,16 @@ class ModuleText:
         self.slots.append(name)
         return name
 
+    def new_counter(self, fname):
+        name = f"{fname}_n"
+        self.counters.append(name)
+        return name
+
     def text(self):
         parts = [f"; ModuleID = '{self.name}'"]
         parts += sorted(self.decls)
         parts += [f"@{s} = global ptr null, align 8" for s in self.slots]
+        parts += [f"@{c} = global i64 0, align 8" for c in self.counters]
         parts += self.functions
         return "\n".join(parts) + "\n"
 
@@ -49,6 +60,7 @@ class JIT:
     def __init__(self, opt=2, codegen_opt=None):
         _init()
         self.opt = opt
+        self.codegen_opt = codegen_opt
         target = llvm.Target.from_default_triple()
         self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
                                                features=llvm.get_host_cpu_features().flatten(),
@@ -66,19 +78,43 @@ class JIT:
         pb = llvm.create_pass_builder(self.tm, pto)
         pb.getModulePassManager().run(mod, pb)
 
-    def compile(self, mt, functions):
-        """Compile ModuleText mt; returns ({function: address}, {slot: address})."""
+    def compile(self, mt, functions, want_object=False):
+        """Compile ModuleText mt; returns ({function: address}, {slot: address}) and, with
+        want_object, the object bytes as a third item.
+
+        The module is compiled to a relocatable object (which bt.diskcache can persist)
+        and loaded with add_object_file: the code reaches the runtime only through the
+        CPU state and its own chain-slot globals, so the object holds no process addresses."""
         t0 = time.perf_counter()
         mod = llvm.parse_assembly(mt.text())
-        mod.verify()
+        if VERIFY:
+            mod.verify()
         self._optimize(mod)
-        self.engine.add_module(mod)
+        obj = self.tm.emit_object(mod)
+        fns, slots = self._load(obj, functions, mt.slots, t0)
+        return (fns, slots, obj) if want_object else (fns, slots)
+
+    def load_object(self, obj, functions, slots):
+        """Load a compiled object (from compile() or the disk cache); returns the addresses."""
+        return self._load(obj, functions, slots, time.perf_counter())
+
+    def _load(self, obj, functions, slot_names, t0):
+        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self.engine.finalize_object()
         fns = {f: self.engine.get_function_address(f) for f in functions}
-        slots = {s: self.engine.get_global_value_address(s) for s in mt.slots}
+        slots = {s: self.engine.get_global_value_address(s) for s in slot_names}
+        if not all(fns.values()) or not all(slots.values()):
+            raise RuntimeError("compiled object lacks a function or slot")
         self.modules += 1
         self.compile_seconds += time.perf_counter() - t0
         return fns, slots
+
+    def fingerprint(self):
+        """What, besides the translator's sources, the machine code depends on."""
+        import llvmlite
+        return "|".join([llvmlite.__version__, ".".join(map(str, llvm.llvm_version_info)), llvm.get_host_cpu_name(),
+                         llvm.get_host_cpu_features().flatten(), self.tm.triple, str(self.opt),
+                         str(self.codegen_opt)])
 
 
 _shared = None

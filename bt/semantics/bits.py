@@ -19,7 +19,7 @@ def _bit_test(update):
             bitpos = e.and_(e.resize(e.read(src), t), e.c(n - 1, t))
         v = e.load(addr, dst.size) if addr is not None else e.read(dst)
         mask = e.shl(e.c(1, t), bitpos)
-        e.set_flag("CF", e.icmp("ne", e.and_(v, mask), e.c(0, t)))
+        e.set_flag("CF", e.lazy(lambda: e.icmp("ne", e.and_(v, mask), e.c(0, t))))
         if update:
             e.write(dst, update(e, v, mask), addr)
     return fn

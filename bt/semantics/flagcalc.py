@@ -1,6 +1,8 @@
 """Shared EFLAGS computations (Intel SDM Vol. 1, 3.4.3 and Appendix A).
 
 Every family computes its status flags through these helpers: one place per rule.
+The flags are lazy (`e.lazy`): their IR is emitted only where a flag is read or
+stored at an exit, so a flag overwritten before it is read costs nothing.
 """
 
 
@@ -12,9 +14,9 @@ def parity(e, res):
 
 
 def set_szp(e, res):
-    e.set_flag("ZF", e.icmp("eq", res, e.c(0, res.t)))
-    e.set_flag("SF", e.msb(res))
-    e.set_flag("PF", parity(e, res))
+    e.set_flag("ZF", e.lazy(lambda: e.icmp("eq", res, e.c(0, res.t))))
+    e.set_flag("SF", e.lazy(lambda: e.msb(res)))
+    e.set_flag("PF", e.lazy(lambda: parity(e, res)))
 
 
 def aux(e, a, b, res):
@@ -24,25 +26,29 @@ def aux(e, a, b, res):
 
 def add_flags(e, a, b, res, carry_in=None):
     """Flags of res = a + b (+ carry_in)."""
-    cf = e.icmp("ult", res, a)
-    if carry_in is not None:
-        eq = e.icmp("eq", res, a)
-        cf = e.or_(cf, e.and_(carry_in, eq))
-    e.set_flag("CF", cf)
-    e.set_flag("OF", e.msb(e.and_(e.xor(a, res), e.xor(b, res))))
-    e.set_flag("AF", aux(e, a, b, res))
+    def cf():
+        cf = e.icmp("ult", res, a)
+        if carry_in is not None:
+            eq = e.icmp("eq", res, a)
+            cf = e.or_(cf, e.and_(carry_in, eq))
+        return cf
+    e.set_flag("CF", e.lazy(cf))
+    e.set_flag("OF", e.lazy(lambda: e.msb(e.and_(e.xor(a, res), e.xor(b, res)))))
+    e.set_flag("AF", e.lazy(lambda: aux(e, a, b, res)))
     set_szp(e, res)
 
 
 def sub_flags(e, a, b, res, borrow_in=None):
     """Flags of res = a - b (- borrow_in)."""
-    cf = e.icmp("ult", a, b)
-    if borrow_in is not None:
-        eq = e.icmp("eq", a, b)
-        cf = e.or_(cf, e.and_(borrow_in, eq))
-    e.set_flag("CF", cf)
-    e.set_flag("OF", e.msb(e.and_(e.xor(a, b), e.xor(a, res))))
-    e.set_flag("AF", aux(e, a, b, res))
+    def cf():
+        cf = e.icmp("ult", a, b)
+        if borrow_in is not None:
+            eq = e.icmp("eq", a, b)
+            cf = e.or_(cf, e.and_(borrow_in, eq))
+        return cf
+    e.set_flag("CF", e.lazy(cf))
+    e.set_flag("OF", e.lazy(lambda: e.msb(e.and_(e.xor(a, b), e.xor(a, res)))))
+    e.set_flag("AF", e.lazy(lambda: aux(e, a, b, res)))
     set_szp(e, res)
 
 

@@ -34,9 +34,9 @@ def _widening(signed):
         low = e.trunc(p, t)
         high = e.trunc(e.lshr(p, e.c(size * 8, wide)), t)
         if signed:
-            overflow = e.icmp("ne", e.sext(low, wide), p)
+            overflow = e.lazy(lambda: e.icmp("ne", e.sext(low, wide), p))
         else:
-            overflow = e.icmp("ne", high, e.c(0, t))
+            overflow = e.lazy(lambda: e.icmp("ne", high, e.c(0, t)))
         if size == 1:
             e.set_reg(Reg(EAX, 2), e.trunc(p, "i16"))
         else:
@@ -63,7 +63,7 @@ def imul(e, insn):
     p = e.mul(a, b)
     low = e.trunc(p, t)
     e.write(dst, low)
-    _mul_flags(e, low, e.icmp("ne", e.sext(low, wide), p))
+    _mul_flags(e, low, e.lazy(lambda: e.icmp("ne", e.sext(low, wide), p)))
 
 
 def _divide(signed):

@@ -25,11 +25,12 @@ def _commit(e, dst, addr, a, res, cnt, flags):
     nz = e.icmp("ne", cnt, e.c(0, "i8"))
     e.write(dst, e.select(nz, res, a), addr)
     for name, v in flags.items():
-        e.set_flag(name, e.select(nz, v, e.flag(name)))
+        e.set_flag(name, e.lazy(lambda v=v, old=e.flag(name): e.select(nz, v, old)))
 
 
 def _szp(e, res):
-    return {"ZF": e.icmp("eq", res, e.c(0, res.t)), "SF": e.msb(res), "PF": parity(e, res)}
+    return {"ZF": e.lazy(lambda: e.icmp("eq", res, e.c(0, res.t))), "SF": e.lazy(lambda: e.msb(res)),
+            "PF": e.lazy(lambda: parity(e, res))}
 
 
 def _shift(kind):
@@ -40,15 +41,14 @@ def _shift(kind):
         if kind == "shl":
             w = e.shl(e.zext(a, "i64"), c64)
             res = e.trunc(w, a.t)
-            cf = e.bit(w, n)
-            of = e.xor(e.msb(res), cf)
+            cf = e.lazy(lambda: e.bit(w, n))
+            of = e.lazy(lambda: e.xor(e.msb(res), cf))
         else:
             w = e.resize(a, "i64", signed=kind == "sar")
             shifted = (e.ashr if kind == "sar" else e.lshr)(w, c64)
             res = e.trunc(shifted, a.t)
-            cm1 = e.sub(c64, e.c(1, "i64"))
-            cf = e.trunc(e.lshr(w, e.and_(cm1, e.c(63, "i64"))), "i1")
-            of = e.msb(a) if kind == "shr" else e.c(0, "i1")
+            cf = e.lazy(lambda: e.trunc(e.lshr(w, e.and_(e.sub(c64, e.c(1, "i64")), e.c(63, "i64"))), "i1"))
+            of = e.lazy(lambda: e.msb(a)) if kind == "shr" else e.c(0, "i1")
         flags = {"CF": cf, "OF": of, "AF": e.c(0, "i1")}
         flags.update(_szp(e, res))
         _commit(e, dst, addr, a, res, cnt, flags)

@@ -1,0 +1,174 @@
+"""The persistent translation cache (bt/diskcache.py) and the lazy-flag emitter (bt/emit.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import llvmlite.binding as llvm
+import pytest
+
+from tests.helpers import asm, CODE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A loop with a call, a conditional branch and memory traffic: several blocks and batches.
+PROGRAM_A = asm("""
+    mov esp, 0x9000
+    mov ecx, 50
+    xor eax, eax
+    jmp body
+    """ + "nop\n" * 40 + """
+body:
+    add eax, ecx
+    push eax
+    call f
+    pop edx
+    dec ecx
+    jnz body
+    hlt
+f:
+    mov ebx, [esp + 4]
+    shl ebx, 1
+    mov [0x8000], ebx
+    ret
+""")
+# Same first bytes (same disk-cache lookup key), different code at `body`.
+PROGRAM_B = PROGRAM_A.replace(asm("shl ebx, 1", 0), asm("shr ebx, 1", 0))
+assert PROGRAM_A != PROGRAM_B and PROGRAM_A[:64] == PROGRAM_B[:64]
+
+RUNNER = r"""
+import json, sys
+from runtime.snippet import Snippet
+code = bytes.fromhex(sys.argv[1])
+sn = Snippet(trace_writes=False)
+sn.mem.write(%d, code)
+sn.cpu.set_reg("eip", %d)
+stop = sn.cpu.run(1_000_000)
+c = sn.cpu.cache.counters
+print(json.dumps({"stop": stop.reason, "eax": sn.cpu.reg("eax"), "ebx": sn.cpu.reg("ebx"),
+                  "compiled": c["compiled_blocks"], "hits": c["persistent_hits"]}))
+""" % (CODE, CODE)
+
+
+def _start(code, cache_dir, **env):
+    e = dict(os.environ, BTVM_CACHE_DIR=str(cache_dir))
+    e.pop("BTVM_NO_CACHE", None)
+    e.update(env)
+    return subprocess.Popen([sys.executable, "-c", RUNNER, code.hex()], cwd=ROOT, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(code, cache_dir, **env):
+    p = _start(code, cache_dir, **env)
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    return json.loads(out)
+
+
+def _entries(d):
+    return sorted(Path(d).rglob("*.bto"))
+
+
+def test_second_run_compiles_nothing(tmp_path):
+    first = _run(PROGRAM_A, tmp_path)
+    assert first["stop"] == "hlt" and first["compiled"] > 0 and first["hits"] == 0
+    assert _entries(tmp_path)
+    second = _run(PROGRAM_A, tmp_path)
+    assert second["compiled"] == 0 and second["hits"] >= first["compiled"]
+    assert (second["eax"], second["ebx"]) == (first["eax"], first["ebx"])
+
+
+def test_disabled(tmp_path):
+    _run(PROGRAM_A, tmp_path, BTVM_NO_CACHE="1")
+    assert not _entries(tmp_path)
+
+
+def test_corrupt_entries_are_rebuilt(tmp_path):
+    ref = _run(PROGRAM_A, tmp_path)
+    for i, p in enumerate(_entries(tmp_path)):
+        data = bytearray(p.read_bytes())
+        if i % 2:
+            data[len(data) // 2] ^= 0xFF        # flipped byte: hash mismatch
+            p.write_bytes(bytes(data))
+        else:
+            p.write_bytes(bytes(data[:len(data) // 3]))   # truncated
+    again = _run(PROGRAM_A, tmp_path)
+    assert again["hits"] == 0 and again["compiled"] > 0
+    assert (again["eax"], again["ebx"]) == (ref["eax"], ref["ebx"])
+    third = _run(PROGRAM_A, tmp_path)
+    assert third["compiled"] == 0 and (third["eax"], third["ebx"]) == (ref["eax"], ref["ebx"])
+
+
+def test_entry_for_other_guest_bytes_is_not_used(tmp_path):
+    a = _run(PROGRAM_A, tmp_path)
+    b_ref = _run(PROGRAM_B, tmp_path / "fresh")
+    b = _run(PROGRAM_B, tmp_path)            # same head bytes as A, different code later
+    assert (b["eax"], b["ebx"]) == (b_ref["eax"], b_ref["ebx"]) != (a["eax"], a["ebx"])
+    assert b["compiled"] > 0
+
+
+def test_concurrent_writers(tmp_path):
+    procs = [_start(PROGRAM_A, tmp_path) for _ in range(4)]
+    results = []
+    for p in procs:
+        out, err = p.communicate()
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    assert len({(r["eax"], r["ebx"]) for r in results}) == 1
+    assert not [p for p in Path(tmp_path).rglob("*") if p.name.startswith(".tmp-")]
+    last = _run(PROGRAM_A, tmp_path)
+    assert last["compiled"] == 0 and (last["eax"], last["ebx"]) == (results[0]["eax"], results[0]["ebx"])
+
+
+def test_lru_eviction(tmp_path):
+    from bt.diskcache import DiskCache
+    d = DiskCache(tmp_path, "test", max_bytes=20_000)
+    mem = {0x1000 * i: bytes([i]) * 64 for i in range(1, 40)}
+    fetch = lambda a, n: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + n]   # noqa: E731
+    for i in range(1, 40):
+        eip = 0x1000 * i
+        d.store(eip, 1, fetch(eip, 32), [(eip, fetch(eip, 8), 1, f"f{i}", [])], b"\xcc" * 2000)
+        if i == 2:
+            old = d._path(0x1000, 1, fetch(0x1000, 32))
+            os.utime(old, (1, 1))
+    total = sum(p.stat().st_size for p in _entries(tmp_path))
+    assert total <= 20_000
+    assert d.lookup(0x1000, 1, fetch(0x1000, 32), fetch) is None        # least recently used: gone
+    ent = d.lookup(0x1000 * 39, 1, fetch(0x1000 * 39, 32), fetch)       # the newest survives
+    assert ent is not None and ent.obj == b"\xcc" * 2000
+
+
+# ---- the lazy emitter -------------------------------------------------------------------
+def _block_ir(code):
+    from bt import state as S
+    from bt.decode import decode_block
+    from bt.jit import ModuleText
+    from bt.semantics import ends_block
+    from bt.translate import translate_block
+    blk = decode_block(lambda a, n: code[a - CODE:a - CODE + n], CODE, S.make_key(), ends_block)
+    mt = ModuleText("t")
+    translate_block(blk, "f", mt)
+    text = mt.text()
+    llvm.parse_assembly(text).verify()
+    return text
+
+
+def test_dead_flags_are_not_emitted():
+    # Three adds: only the last one's flags reach the exit; none is read.
+    text = _block_ir(asm("add eax, 1; add eax, 2; add eax, 3; jmp 0x2000"))
+    assert text.count("llvm.ctpop") == 2           # the declaration and one PF
+    # A flag read by a branch is computed once, on the main line.
+    text = _block_ir(asm("cmp eax, ebx; jne 0x2000"))
+    assert text.count("icmp eq i32") == 1
+
+
+@pytest.mark.parametrize("src", [
+    "add eax, [ebx]; mov [ecx], eax; adc edx, [esi]; jc 0x2000",
+    "cmp eax, 1; mov [ebx], eax; push ecx; pop dword ptr [edx]; sete al; jmp 0x2000",
+    "sub eax, ebx; rep movsb; shl eax, cl; div ecx; ja 0x2000",
+    "inc eax; bt [ebx], ecx; pushfd; cmpsb; repne scasb; loopne 0x1010",
+    "add eax, ebx; popfd",
+])
+def test_lazy_ir_verifies(src):
+    _block_ir(asm(src))
