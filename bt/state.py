@@ -118,6 +118,9 @@ KEY_CPL_SHIFT = 3        # 2 bits
 KEY_FLAT = 1 << 5        # ES/CS/SS/DS bases are 0: skip adding them
 KEY_STEP = 1 << 6        # one instruction per block (exact budgets, single-stepping)
 KEY_IOPL_SHIFT = 7       # 2 bits: POPF/CLI/STI semantics depend on IOPL vs CPL
+KEY_FPU_EM = 1 << 9      # CR0.EM: x87 instructions raise #NM
+KEY_FPU_TS = 1 << 10     # CR0.TS: x87 instructions raise #NM (WAIT only with CR0.MP)
+KEY_FPU_MP = 1 << 11     # CR0.MP
 
 
 def make_key(cs32=True, pe=True, pg=False, cpl=0, flat=True, step=False, iopl=0):

@@ -348,3 +348,19 @@ def test_boot_cli_errors(tmp_path):
                       (["-m", "1"], "between")):
         out = subprocess.run([sys.executable, "-m", "runtime.cli", "boot", *args], capture_output=True, text=True)
         assert out.returncode != 0 and msg in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("bits,insn,vector", [(0x8, "fld1", 7), (0x4, "fld1", 7), (0xA, "fwait", 7),
+                                              (0x8, "fwait", None), (0x0, "fld1", None)])
+def test_x87_device_not_available(bits, insn, vector):
+    # CR0.TS / CR0.EM make x87 instructions raise #NM; WAIT only with TS and MP (SDM 2.5).
+    res, r = boot(f"    mov eax, cr0\n    and eax, 0xfffffff1\n    or eax, {bits}\n    mov cr0, eax\n    {insn}\n")
+    if vector is None:
+        assert r["marker"] == 0x600D
+    else:
+        assert r["vector"] == vector and r["marker"] != 0x600D
+
+
+def test_clts_reenables_the_fpu():
+    res, r = boot("    mov eax, cr0\n    or eax, 8\n    mov cr0, eax\n    clts\n    fld1\n    fstp st(0)\n")
+    assert r["marker"] == 0x600D

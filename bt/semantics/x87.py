@@ -89,8 +89,23 @@ def _opcode(insn):
     return raw[i], raw[i + 1], 0x66 in raw[:i]
 
 
-def _device_check(e):
-    """Hook point for #NM (CR0.EM or CR0.TS set): nothing to do until system mode exists."""
+NM = 7
+
+
+def _device_check(e, wait_only=False):
+    """#NM when CR0.EM or CR0.TS is set (SDM Vol. 3A, 2.5 and 13.4); CR0's FPU bits are in the
+    translation key, so the check costs nothing when they are clear.  WAIT/FWAIT faults only
+    when TS and MP are both set."""
+    key = e.key
+    if wait_only:
+        if key & S.KEY_FPU_TS and key & S.KEY_FPU_MP:
+            e.raise_now(NM)
+            return True
+        return False
+    if key & (S.KEY_FPU_EM | S.KEY_FPU_TS):
+        e.raise_now(NM)
+        return True
+    return False
 
 
 def _img(e, off, t):
@@ -146,7 +161,8 @@ def x87(e, insn):
         return e.raise_now(UD)
     if is_mem and key in ENV_FORMS and o16:
         raise Unsupported(f"16-bit FPU environment format: '{insn.text()}' at {insn.addr:#x}")
-    _device_check(e)
+    if _device_check(e):
+        return
     waiting = key not in (NOWAIT_MEM if is_mem else NOWAIT_REG)
     if waiting:
         _pending_check(e)
@@ -205,7 +221,8 @@ FCMOV = {"fcmovb", "fcmove", "fcmovbe", "fcmovu", "fcmovnb", "fcmovne", "fcmovnb
 
 @sem("wait")
 def wait(e, insn):
-    _device_check(e)
+    if _device_check(e, wait_only=True):
+        return
     _pending_check(e)
 
 

@@ -14,7 +14,7 @@ from bt import state as S
 from runtime.cpu import CPU, GuestFault, Stop
 
 from .descriptors import Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
-from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR4_PSE, CR4_PGE, CR4_TSD
+from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR0_EM, CR0_TS, CR0_MP, CR4_PSE, CR4_PGE, CR4_TSD
 
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_, GP, PF, MF, AC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17
 CONTRIBUTORY = {DE, TS, NP, SS_, GP}
@@ -295,6 +295,8 @@ class SystemCPU(CPU):
         key = S.make_key(cs32=self.segs[S.CS].db, pe=bool(self.cr0 & CR0_PE), pg=bool(self.cr0 & CR0_PG),
                          cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3)
         key |= self.key & S.KEY_STEP
+        key |= (S.KEY_FPU_EM if self.cr0 & CR0_EM else 0) | (S.KEY_FPU_TS if self.cr0 & CR0_TS else 0) \
+            | (S.KEY_FPU_MP if self.cr0 & CR0_MP else 0)
         if key != self.key and S.key_cpl(key) != S.key_cpl(self.key):
             pass   # TLB entries are kept per privilege: nothing to flush
         self.set_key(key)
