@@ -63,7 +63,8 @@ class CodeCache:
     def __init__(self, fetch, on_code_page=None, jit=None, batch=16, batch_insns=256, max_blocks=200_000,
                  disk=None):
         """fetch(addr, n) -> bytes of executable guest memory; on_code_page(page) is
-        called when a page first holds translated code (so the memory can trap writes).
+        called when a page first holds translated code (so the memory can trap writes);
+        on_install(tb), if set, is called for every block entering the cache.
         disk: a bt.diskcache.DiskCache, False for none, None for the shared default."""
         self.fetch = fetch
         self.on_code_page = on_code_page or (lambda page: None)
@@ -78,6 +79,7 @@ class CodeCache:
         self.incoming = defaultdict(set)      # TB -> slot addresses linked to it
         self.slot_target = {}                 # slot address -> TB
         self.by_fn = {}
+        self.on_install = None
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
         self.compile_log = []                 # (time, blocks, seconds) per batch
@@ -264,6 +266,14 @@ class CodeCache:
             if not self.by_page[p]:
                 self.on_code_page(p)
             self.by_page[p].add(tb)
+        if self.on_install is not None:
+            self.on_install(tb)
+
+    def cut_paths_into(self, tb):
+        """Unlink every chained exit into tb and drop it from the jump cache (tb itself stays)."""
+        for s in list(self.incoming.get(tb, ())):
+            self._unlink_slot(s)
+        self._jc_drop(tb)
 
     def forget(self, tb, cause=None):
         """Remove tb: unlink every chain into and out of it and drop it from the jump cache."""

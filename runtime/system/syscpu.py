@@ -45,8 +45,10 @@ class SystemCPU(CPU):
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
         self.block_phys = {}    # (eip, key) -> physical page the block was translated from
+        self.nonglobal = set()  # blocks on pages not mapped global: cut from chains on CR3 writes
         self.insn_cache = {}
         super().__init__(mem, S.make_key(cpl=0))
+        self.cache.on_install = self._on_install
         self.sync_segments()
 
     # ---- physical memory ------------------------------------------------------------
@@ -210,37 +212,44 @@ class SystemCPU(CPU):
         if not v & CR0_PE:
             raise Stop("unsupported", message="real mode (CR0.PE=0) is not implemented", eip=self.st.eip)
         changed = (self.cr0 ^ v) & (CR0_PG | CR0_WP | CR0_PE)
-        if changed:
-            self._record_block_phys()
         self.cr0 = v & 0xE005003F
         if changed:
-            self.switch_address_space()
+            self.switch_address_space(everything=True)
         self.update_key()
 
-    def _record_block_phys(self):
-        """Before the mapping changes: remember the physical page of every block translated under
-        the current one (blocks of a batch are installed without passing through _miss)."""
-        for k in self.cache.blocks:
-            if k not in self.block_phys:
-                try:
-                    self.block_phys[k] = self.translate(k[0], False, S.key_cpl(k[1]) == 3, True)[0] & ~0xFFF
-                except PageFault:
-                    self.block_phys[k] = None
-
     def set_cr3(self, v):
-        self._record_block_phys()
         self.cr3 = v & 0xFFFFF018
         self.switch_address_space()
 
-    def switch_address_space(self):
-        """A new linear->physical mapping: translated blocks are kept (each is re-checked against
-        the physical page it was translated from when next looked up), but every path that
-        reaches a block without a lookup - chained exits and the native jump cache - is cut."""
+    def _on_install(self, tb):
+        """Remember the physical page a block came from, and whether its mapping is global."""
+        try:
+            phys, glob, _ = self.translate(tb.eip, False, S.key_cpl(tb.key) == 3, True)
+        except PageFault:
+            return
+        self.block_phys[(tb.eip, tb.key)] = phys & ~0xFFF
+        if not glob:
+            self.nonglobal.add(tb)
+
+    def switch_address_space(self, everything=False):
+        """A new linear->physical mapping.  Translated blocks are kept: each is re-checked against
+        the physical page it came from when next looked up.  What reaches a block without a
+        lookup - chained exits and the native jump cache - is cut for blocks on non-global pages
+        (global pages are the same in every address space, as the TLB itself assumes), or for all
+        blocks when global mappings may have changed too (CR4.PGE/PSE, CR0 changes)."""
         self.tlb_flush()
         cache = self.cache
-        for slot in list(cache.slot_target):
-            cache._unlink_slot(slot)
-        ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
+        if everything:
+            for slot in list(cache.slot_target):
+                cache._unlink_slot(slot)
+            ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
+            self.nonglobal = set(cache.blocks.values())
+        else:
+            for tb in list(self.nonglobal):
+                if cache.blocks.get((tb.eip, tb.key)) is not tb:
+                    self.nonglobal.discard(tb)
+                else:
+                    cache.cut_paths_into(tb)
         self.counters_switches = getattr(self, "counters_switches", 0) + 1
 
     def _miss(self):
@@ -248,16 +257,15 @@ class SystemCPU(CPU):
         tb = self.cache.blocks.get((eip, key))
         if tb is not None:
             try:
-                phys = self.translate(eip, False, self.cpl == 3, True)[0] & ~0xFFF
+                phys, glob, _ = self.translate(eip, False, self.cpl == 3, True)
+                phys &= ~0xFFF
             except PageFault:
-                phys = None
+                phys, glob = None, False
             if self.block_phys.get((eip, key), phys) != phys:
                 self.cache.forget(tb, "remap")
+            elif glob:
+                self.nonglobal.discard(tb)
         super()._miss()
-        try:
-            self.block_phys[(eip, key)] = self.translate(eip, False, self.cpl == 3, True)[0] & ~0xFFF
-        except PageFault:
-            pass
 
     def insn_at(self, eip):
         """Decoded callout instruction, cached by address and checked against the current bytes."""
@@ -273,12 +281,10 @@ class SystemCPU(CPU):
         if v & ~(CR4_TSD | 0x8 | CR4_PSE | CR4_PGE | 0x200 | 0x400):
             raise GuestFault(GP, 0)
         changed = (self.cr4 ^ v) & (CR4_PSE | CR4_PGE)
-        if changed:
-            self._record_block_phys()
         self.cr4 = v
         if changed:
-            # Linux flushes global TLB entries by toggling PGE: only the TLB has to go.
-            self.switch_address_space()
+            # Linux flushes global TLB entries by toggling PGE: global mappings may have changed.
+            self.switch_address_space(everything=True)
 
     @property
     def eflags(self):
