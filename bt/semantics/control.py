@@ -19,9 +19,35 @@ def _direct(insn, op):
     return target & 0xFFFF if insn.opsize == 2 else target
 
 
+_PREFIXES = frozenset((0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65))
+
+
+def _modrm_reg(insn):
+    """The ModRM reg field of an FF-group instruction (Capstone's operand size for the far
+    forms is unreliable: 6 for JMP m16:32 but 4 for CALL m16:32)."""
+    raw = insn.raw
+    i = 0
+    while i < len(raw) and raw[i] in _PREFIXES:
+        i += 1
+    if i + 1 < len(raw) and raw[i] == 0xFF:
+        return (raw[i + 1] >> 3) & 7
+    return None
+
+
+def _far_indirect(e, insn, op):
+    """JMP/CALL m16:32 (FF /5, FF /3): a far transfer, handled by the VMM."""
+    if op.kind == "mem" and _modrm_reg(insn) in (3, 5):
+        from ..sensitive import callout_id
+        e.callout(callout_id("farjump"))
+        return True
+    return False
+
+
 @sem("jmp", ends_block=True)
 def jmp(e, insn):
     (op,) = insn.ops
+    if _far_indirect(e, insn, op):
+        return
     if op.kind == "imm":
         e.exit_direct(_direct(insn, op))
     else:
@@ -41,6 +67,8 @@ for _cc in CONDITIONS:
 @sem("call", ends_block=True)
 def call(e, insn):
     (op,) = insn.ops
+    if _far_indirect(e, insn, op):
+        return
     ret = e.c(insn.next, f"i{insn.opsize * 8}")
     if op.kind == "imm":
         e.push(ret)

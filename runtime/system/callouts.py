@@ -11,6 +11,7 @@ from bt.decode import Reg
 from runtime.cpu import GuestFault, Stop
 from runtime.cpuid import handle_cpuid
 
+from .descriptors import CALL_GATE, TASK_GATE
 from .paging import CR0_TS, CR4_TSD
 
 GP, UD, DB, BP, OF_VEC = 13, 6, 1, 3, 4
@@ -156,8 +157,13 @@ def intflag(cpu, insn):
     _next(cpu, insn)
 
 
+def _base_mnemonic(insn):
+    """The mnemonic without a REP prefix (Capstone names REP INSB "rep insb")."""
+    return insn.mnemonic.split()[-1]
+
+
 def _port_size(insn):
-    m = insn.mnemonic
+    m = _base_mnemonic(insn)
     if m in ("in", "out"):
         data = insn.ops[0] if m == "in" else insn.ops[1]
         return data.size
@@ -165,7 +171,7 @@ def _port_size(insn):
 
 
 def io(cpu, insn):
-    m = insn.mnemonic
+    m = _base_mnemonic(insn)
     size = _port_size(insn)
     if m == "in":
         port = read_op(cpu, insn.ops[1], 2) if insn.ops[1].kind == "imm" else cpu.reg("edx") & 0xFFFF
@@ -270,6 +276,34 @@ def segload(cpu, insn):
     _next(cpu, insn)
 
 
+def _far_target(cpu, sel):
+    """The code segment a far JMP/CALL loads (SDM JMP/CALL, protected mode, to a code segment)."""
+    if sel & ~3 == 0:
+        raise GuestFault(GP, 0)
+    lo, hi, _ = cpu.descriptor(sel)
+    if not hi & (1 << 12) and (hi >> 8) & 0xF in (CALL_GATE, TASK_GATE, 0x1, 0x9, 0x4):
+        raise Stop("unsupported", message=f"far transfer through a gate or TSS (selector {sel:#x})",
+                   eip=cpu.st.eip)
+    seg, addr, hi = cpu.code_segment(sel)
+    if seg.conforming:
+        if seg.dpl > cpu.cpl:
+            raise GuestFault(GP, sel & 0xFFFC)
+    elif (sel & 3) > cpu.cpl or seg.dpl != cpu.cpl:
+        raise GuestFault(GP, sel & 0xFFFC)
+    return seg, addr, hi
+
+
+def _null_outer_data_segments(cpu, cpl):
+    """After a return to an outer ring: data segments (and non-conforming code) the new CPL may
+    not use are loaded with the null selector (SDM RET/IRET)."""
+    from .descriptors import Segment
+    for r in (S.ES, S.DS, S.FS, S.GS):
+        s = cpu.segs[r]
+        if s.selector & ~3 and not s.conforming and s.dpl < cpl:
+            cpu.segs[r] = Segment(0, 0, 0, 0, True, 0, False)
+    cpu.sync_segments()
+
+
 def farjump(cpu, insn):
     m = insn.mnemonic
     w = insn.opsize
@@ -278,18 +312,31 @@ def farjump(cpu, insn):
         ssb = cpu.segs[S.SS].base
         eip = int.from_bytes(cpu.read_lin(ssb + esp, w), "little")
         cs = int.from_bytes(cpu.read_lin(ssb + esp + w, w), "little") & 0xFFFF
-        seg, _, _ = cpu.code_segment(cs)
         rpl = cs & 3
+        if cs & ~3 == 0:
+            raise GuestFault(GP, 0)
         if rpl < cpu.cpl:
+            raise GuestFault(GP, cs & 0xFFFC)
+        seg, addr, hi = cpu.code_segment(cs)
+        if (seg.conforming and seg.dpl > rpl) or (not seg.conforming and seg.dpl != rpl):
             raise GuestFault(GP, cs & 0xFFFC)
         extra = insn.ops[0].imm & 0xFFFF if insn.ops else 0
         if rpl > cpu.cpl:
             new_esp = int.from_bytes(cpu.read_lin(ssb + esp + 2 * w + extra, w), "little")
             new_ss = int.from_bytes(cpu.read_lin(ssb + esp + 3 * w + extra, w), "little") & 0xFFFF
+            old_cs = cpu.segs[S.CS]
             cpu.set_cs(seg, rpl)
-            cpu.load_segment(S.SS, new_ss)
+            try:
+                cpu.load_segment(S.SS, new_ss)      # checked against the new CPL
+            except GuestFault:
+                cpu.segs[S.CS] = old_cs
+                cpu.sync_segments()
+                raise
+            cpu._set_accessed(addr, hi)
             cpu.set_reg("esp", new_esp + extra)
+            _null_outer_data_segments(cpu, rpl)
         else:
+            cpu._set_accessed(addr, hi)
             cpu.set_cs(seg, rpl)
             cpu.set_reg("esp", esp + 2 * w + extra)
         cpu.set_reg("eip", eip)
@@ -297,22 +344,23 @@ def farjump(cpu, insn):
     if len(insn.ops) == 2:
         sel, off = insn.ops[0].imm & 0xFFFF, insn.ops[1].imm
     else:
+        # JMP/CALL m16:16 or m16:32 (Capstone names the 32-bit forms "jmp"/"call" with a 6-byte operand).
         addr = linear_of(cpu, insn.ops[0].mem)
         raw = cpu.read_lin(addr, w + 2)
         off, sel = int.from_bytes(raw[:w], "little"), int.from_bytes(raw[w:], "little")
-    seg, _, _ = cpu.code_segment(sel)
-    if seg.conforming:
-        if seg.dpl > cpu.cpl:
-            raise GuestFault(GP, sel & 0xFFFC)
-    elif (sel & 3) > cpu.cpl or seg.dpl != cpu.cpl:
-        raise Stop("unsupported", message=f"far {m} through a gate or to another privilege level", eip=insn.addr)
-    if m == "lcall":
-        for v in (cpu.segs[S.CS].selector, insn.next):
-            esp = (cpu.reg("esp") - w) & 0xFFFFFFFF
-            cpu.write_lin(cpu.segs[S.SS].base + esp, v.to_bytes(w, "little"))
-            cpu.set_reg("esp", esp)
+    seg, addr, hi = _far_target(cpu, sel)
+    off &= 0xFFFF if w == 2 else 0xFFFFFFFF
+    if off > seg.limit:
+        raise GuestFault(GP, 0)
+    if m in ("lcall", "call"):
+        # Push CS then the return EIP, all or nothing.
+        esp = (cpu.reg("esp") - 2 * w) & 0xFFFFFFFF
+        frame = insn.next.to_bytes(w, "little") + cpu.segs[S.CS].selector.to_bytes(w, "little")
+        cpu.write_lin(cpu.segs[S.SS].base + esp, frame)
+        cpu.set_reg("esp", esp)
+    cpu._set_accessed(addr, hi)
     cpu.set_cs(seg, cpu.cpl)
-    cpu.set_reg("eip", off & (0xFFFF if w == 2 else 0xFFFFFFFF))
+    cpu.set_reg("eip", off)
 
 
 def descriptor(cpu, insn):
@@ -383,6 +431,7 @@ def cache(cpu, insn):
         cpu.cache.invalidate_page(page, "unmap")
     elif m == "clts":
         cpu.cr0 &= ~CR0_TS
+        cpu.update_key()
     _next(cpu, insn)
 
 

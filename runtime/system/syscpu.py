@@ -477,7 +477,7 @@ class SystemCPU(CPU):
         rpl = cs & 3
         if rpl < self.cpl:
             raise GuestFault(GP, cs & 0xFFFC)
-        mask = 0x257FD5 | (1 << 1)
+        mask = 0x254DD5 | (1 << 1)   # IF and IOPL are added below by privilege
         if self.cpl == 0:
             mask |= (3 << S.IOPL_SHIFT) | (1 << S.IF)
         elif self.cpl <= (self.st.eflags >> S.IOPL_SHIFT) & 3:
