@@ -661,6 +661,11 @@ class Emitter:
 
     def exit_direct(self, target, flushed=False):
         """Leave to a constant guest address through a patchable chain slot."""
+        if self.key & S.KEY_PG and (target ^ self.block.eip) & ~0xFFF:
+            # With paging, a chain never leaves the block's page: the target page may map to
+            # other code in another address space.  Cross-page exits probe the jump cache,
+            # which the runtime clears on every address-space switch (as QEMU does).
+            return self.exit_indirect(self.c(target))
         saved = self._enter_side()
         if not flushed:
             self.flush()

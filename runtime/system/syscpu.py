@@ -45,7 +45,6 @@ class SystemCPU(CPU):
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
         self.block_phys = {}    # (eip, key) -> physical page the block was translated from
-        self.nonglobal = set()  # blocks on pages not mapped global: cut from chains on CR3 writes
         self.insn_cache = {}
         super().__init__(mem, S.make_key(cpl=0))
         self.cache.on_install = self._on_install
@@ -222,34 +221,21 @@ class SystemCPU(CPU):
         self.switch_address_space()
 
     def _on_install(self, tb):
-        """Remember the physical page a block came from, and whether its mapping is global."""
+        """Remember the physical page a block came from (checked again at every lookup)."""
         try:
-            phys, glob, _ = self.translate(tb.eip, False, S.key_cpl(tb.key) == 3, True)
+            phys = self.translate(tb.eip, False, S.key_cpl(tb.key) == 3, True)[0]
         except PageFault:
             return
         self.block_phys[(tb.eip, tb.key)] = phys & ~0xFFF
-        if not glob:
-            self.nonglobal.add(tb)
 
     def switch_address_space(self, everything=False):
-        """A new linear->physical mapping.  Translated blocks are kept: each is re-checked against
-        the physical page it came from when next looked up.  What reaches a block without a
-        lookup - chained exits and the native jump cache - is cut for blocks on non-global pages
-        (global pages are the same in every address space, as the TLB itself assumes), or for all
-        blocks when global mappings may have changed too (CR4.PGE/PSE, CR0 changes)."""
+        """A new linear->physical mapping.  Translated blocks are kept: a block is re-checked
+        against the physical page it came from whenever it is looked up, chains never cross a
+        page when paging is on (bt/emit.py), and the native jump cache - the only other way
+        into a block - is cleared here.  `everything` is kept for callers that changed CR0/CR4."""
         self.tlb_flush()
         cache = self.cache
-        if everything:
-            for slot in list(cache.slot_target):
-                cache._unlink_slot(slot)
-            ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
-            self.nonglobal = set(cache.blocks.values())
-        else:
-            for tb in list(self.nonglobal):
-                if cache.blocks.get((tb.eip, tb.key)) is not tb:
-                    self.nonglobal.discard(tb)
-                else:
-                    cache.cut_paths_into(tb)
+        ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
         self.counters_switches = getattr(self, "counters_switches", 0) + 1
 
     def _miss(self):
@@ -263,8 +249,6 @@ class SystemCPU(CPU):
                 phys, glob = None, False
             if self.block_phys.get((eip, key), phys) != phys:
                 self.cache.forget(tb, "remap")
-            elif glob:
-                self.nonglobal.discard(tb)
         super()._miss()
 
     def insn_at(self, eip):
