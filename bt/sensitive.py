@@ -23,7 +23,8 @@ def table():
     for name in CALLOUTS:
         info = CALLOUT_INFO[name]
         for m in info["mnemonics"]:
-            rows.append((m, "callout " + name, info["why"], info["does"], True))
+            ends = BY_NAME[m].ends_block if m in BY_NAME and BY_NAME[m].callout == name else True
+            rows.append((m, "callout " + name, info["why"], info["does"], ends))
     for m, info in sorted(BY_NAME.items()):
         if info.callout and info.callout not in CALLOUT_INFO:
             rows.append((m, "inline", info.why, info.does, info.ends_block))

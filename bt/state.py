@@ -99,6 +99,7 @@ class CPUState(ctypes.Structure):
         ("fpu_hostcw", ctypes.c_uint16),           # scratch: host control word while a guest insn runs
         ("fpu_eflags", ctypes.c_uint8),            # scratch: SF ZF AF PF CF in/out (FCMOVcc, FCOMI)
         ("_fpu_pad", ctypes.c_uint8 * 5),
+        ("tsc_base", ctypes.c_uint64),             # TSC = tsc_base - budget (set per slice by the runtime)
     ]
 
     def __init__(self, *args, **kw):

@@ -38,8 +38,24 @@ callout("int", "int", "int3", "into", "int1", why=SENSITIVE + ": vectors through
 callout("iret", "iret", "iretd", why=SENSITIVE + ": restores EFLAGS.IF/IOPL, CS and may change CPL",
         does="returns from an interrupt against the virtual CPU state")
 callout("cpuid", "cpuid", why="sensitive: reveals the host CPU", does="reports btvm's virtual i686 CPU")
-callout("rdtsc", "rdtsc", why="sensitive: reads host time; #GP at CPL>0 with CR4.TSD",
-        does="reads the virtual time-stamp counter")
+callout("rdtsc", why="sensitive: reads host time; #GP at CPL>0 with CR4.TSD",
+        does="reads the virtual time-stamp counter (inline in ring 0, where TSD cannot fault: "
+             "TSC = instructions executed + offset)", table_as=("rdtsc",))
+
+
+@sem("rdtsc", ends_block=False, callout="rdtsc", why="sensitive: reads host time; #GP at CPL>0 with CR4.TSD",
+     does="inline at CPL 0 from the state's TSC base and the instruction budget; a callout elsewhere")
+def rdtsc(e, insn):
+    from .. import state as S
+    from ..sensitive import callout_id
+    if S.key_cpl(e.key) != 0 or not e.key & S.KEY_PE:
+        return e.callout(callout_id("rdtsc"))
+    base = e.load_field(S.offset("tsc_base"), "i64")
+    budget = e.load_field(S.offset("budget"), "i64")
+    # The block charged all its instructions at entry: count only those before this one.
+    tsc = e.sub(e.sub(base, budget), e.c(e.ninsns - e.k - 1, "i64"))
+    e.set_reg32(0, e.trunc(tsc, "i32"))
+    e.set_reg32(2, e.trunc(e.lshr(tsc, e.c(32, "i64")), "i32"))
 callout("msr", "rdmsr", "wrmsr", "rdpmc", why=PRIVILEGED, does="reads or writes a virtual MSR (#GP if unknown)")
 callout("intflag", "cli", "sti", why="IOPL-sensitive: changes EFLAGS.IF",
         does="updates the virtual IF (with the STI interrupt shadow) or raises #GP")
