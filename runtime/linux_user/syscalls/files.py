@@ -50,6 +50,32 @@ def sys_pwrite64(m, fd, buf, n, lo, hi):
     return host("pwrite64", fd, ptr(m, buf, n), n, lo | (hi << 32))
 
 
+def _sendfile(m, out_fd, in_fd, offp, count, wide):
+    """sendfile: offp is a guest loff_t* (sendfile64) or off_t* (sendfile), or NULL (use in_fd's offset)."""
+    size, fmt = (8, "<q") if wide else (4, "<i")
+    off = None
+    if offp:
+        off = ctypes.c_int64(struct.unpack(fmt, get(m, offp, size))[0])
+    r = host("sendfile", out_fd, in_fd, addr_of(off) if off is not None else 0, count)
+    if off is not None and r >= 0:
+        if not wide and off.value > 0x7FFFFFFF:
+            return -E.EOVERFLOW
+        put(m, offp, struct.pack(fmt, off.value))
+    if r == -E.EPIPE:
+        m.raise_signal(SIGPIPE)
+    return r
+
+
+@syscall("sendfile64", "ffpu")
+def sys_sendfile64(m, out_fd, in_fd, offp, count):
+    return _sendfile(m, out_fd, in_fd, offp, count, True)
+
+
+@syscall("sendfile", "ffpu")
+def sys_sendfile(m, out_fd, in_fd, offp, count):
+    return _sendfile(m, out_fd, in_fd, offp, count, False)
+
+
 def _iov(m, iov, cnt, write):
     if cnt > 1024:
         raise SysError(E.EINVAL)
