@@ -107,7 +107,7 @@ def _cmd_boot(args):
     if not 2 <= args.m <= 3072:
         print(f"btvm boot: -m {args.m}: guest RAM must be between 2 and 3072 MiB", file=sys.stderr)
         return 1
-    m = Machine(ram_mb=args.m, icount=args.icount)
+    m = Machine(ram_mb=args.m, icount=args.clock == "icount")
     try:
         if is_bzimage(kernel):
             m.load_linux(kernel, args.append or "", initrd)
@@ -115,7 +115,9 @@ def _cmd_boot(args):
             raise BootError("-initrd is only for Linux bzImage kernels")
         else:
             m.load_multiboot(kernel, args.append or "")
-        result = m.run()
+        from runtime.system.console import Console
+        with Console(m.pc.uart, None if args.no_stdin else sys.stdin) as console:
+            result = m.run(console=console, status_every=args.status)
     except BootError as exc:
         print(f"btvm boot: {exc}", file=sys.stderr)
         return 1
@@ -146,7 +148,15 @@ def build_parser():
     bo.add_argument("-initrd", metavar="FILE", help="initial ramdisk for a Linux kernel")
     bo.add_argument("-append", metavar="CMDLINE", help="kernel command line")
     bo.add_argument("-m", metavar="MB", type=int, default=128, help="guest RAM in MiB (default 128)")
-    bo.add_argument("-icount", action="store_true", help="virtual time counts guest instructions (deterministic)")
+    bo.add_argument("-clock", choices=("icount", "host"), default="icount",
+                    help="virtual time: 'icount' counts guest instructions, 1 ns each (deterministic, and "
+                         "consistent with the TSC, which always counts instructions; default), or 'host' "
+                         "follows the host's monotonic clock")
+    bo.add_argument("-icount", dest="clock", action="store_const", const="icount", help="same as -clock icount")
+    bo.add_argument("-status", metavar="SECONDS", type=float, default=None,
+                    help="print a status line (guest MIPS, blocks compiled) on stderr every SECONDS")
+    bo.add_argument("-no-stdin", dest="no_stdin", action="store_true",
+                    help="do not connect stdin to the serial console")
     bo.set_defaults(fn=_cmd_boot)
     rn = sub.add_parser("run", help="run a static i386 Linux program (user mode)",
                         usage="btvm run [--strace] [--clean-env] [-E VAR=VALUE]... [--] PROGRAM [ARGS...]")

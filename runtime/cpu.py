@@ -116,6 +116,7 @@ class CPU:
         self.on_exception = None
         self.icount = 0
         self.tsc_offset = 0
+        self.extra_ns = 0       # virtual time charged beyond one ns per instruction (I/O bus cycles)
         self._enter = _native_enter()
         self._pending_error = None
 
@@ -287,7 +288,7 @@ class CPU:
                 return Stop("max_instructions")
             budget = SLICE if remaining is None else min(SLICE, remaining)
             st.budget = budget
-            st.tsc_base = (self.icount + self.tsc_offset + budget) & 0xFFFFFFFFFFFFFFFF
+            st.tsc_base = (self.icount + self.extra_ns + self.tsc_offset + budget) & 0xFFFFFFFFFFFFFFFF
             try:
                 rc = self._enter(self.st_addr)
                 done = budget - st.budget

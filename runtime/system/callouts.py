@@ -17,6 +17,9 @@ from .paging import CR0_TS, CR4_TSD
 GP, UD, DB, BP, OF_VEC = 13, 6, 1, 3, 4
 SYSENTER_CS, SYSENTER_ESP, SYSENTER_EIP = 0x174, 0x175, 0x176
 MSR_TSC = 0x10
+# An ISA bus access takes about a microsecond on a PC: charging it to virtual time keeps polling
+# loops (PIT channel 2 in port 0x61, UART status) from costing millions of translated iterations.
+IO_NS = 1000
 
 
 # ---- operand access from Python ----------------------------------------------------------------
@@ -138,7 +141,7 @@ def msr(cpu, insn):
     else:
         v = (cpu.reg("edx") << 32) | cpu.reg("eax")
         if index == MSR_TSC:
-            cpu.tsc_offset = v - cpu.icount
+            cpu.tsc_offset = v - cpu.icount - cpu.extra_ns
         else:
             cpu.msr[index] = v
     _next(cpu, insn)
@@ -181,6 +184,7 @@ def io(cpu, insn):
         port = cpu.reg("edx") & 0xFFFF
     if not cpu.io_allowed(port, size):
         raise GuestFault(GP, 0)
+    cpu.extra_ns += IO_NS
     bus = cpu.io
     if m == "in":
         _reg_write(cpu, Reg(0, size), bus.read(port, size) if bus else (1 << (8 * size)) - 1)

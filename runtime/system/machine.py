@@ -38,7 +38,7 @@ class Machine:
         self.cpu.callouts.update(HANDLERS)
         self.cpu.on_exception = self._exception
         self.cpu.interrupt_shadow = False
-        self.clock = VirtualClock(icount=(lambda: self.cpu.icount) if icount else None)
+        self.clock = VirtualClock(icount=(lambda: self.cpu.icount + self.cpu.extra_ns) if icount else None)
         out = serial_out or (lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
         self.pc = build_pc(self.bus, self.clock, ram_mb, out, on_reset=self._reset, on_exit=self._debug_exit)
         self.reset_exits = reset_exits
@@ -106,17 +106,39 @@ class Machine:
         except TripleFault as tf:
             raise MachineExit(1, f"btvm: {tf}; the VM stops")
 
-    def run(self):
-        """Run until the guest powers off, exits through isa-debug-exit or fails; returns the status."""
+    def run(self, console=None, status_every=None):
+        """Run until the guest powers off, exits through isa-debug-exit or fails; returns the status.
+
+        console (runtime.system.console.Console) feeds stdin to COM1; status_every (seconds)
+        prints a status line (guest MIPS, blocks compiled) on stderr."""
         cpu = self.cpu
+        import time
+        from .console import QuitRequest
+        t_last = t0 = time.monotonic()
+        i_last = 0
         try:
             while True:
                 self.clock.run_due()
+                if console is not None:
+                    console.poll()
+                if status_every is not None and time.monotonic() - t_last >= status_every:
+                    now = time.monotonic()
+                    c = cpu.cache.counters
+                    print(f"\r\nbtvm: {now - t0:7.1f}s  {(cpu.icount - i_last) / (now - t_last) / 1e6:7.1f} MIPS  "
+                          f"{cpu.icount / 1e9:6.2f}G insns  {c['compiled_blocks']} blocks compiled  "
+                          f"{c['persistent_hits']} from disk\r", file=sys.stderr, flush=True)
+                    t_last, i_last = now, cpu.icount
                 self._interrupt()
                 if self.halted:
                     if not cpu.st.eflags & (1 << S.IF):
                         raise MachineExit(0, "")   # CLI; HLT: the guest stopped the CPU (power off)
-                    self.clock.idle()
+                    if console is not None and not console.eof and not self.clock.icount_mode:
+                        # Sleep until the next timer, but wake up for typed keys.
+                        d = self.clock.ns_until_deadline()
+                        console.poll(0.05 if d is None else min(0.05, d / 1e9))
+                        self.clock.idle(max_ns=0)
+                    else:
+                        self.clock.idle(max_ns=50_000_000)
                     continue
                 budget = SLICE
                 if cpu.interrupt_shadow:
@@ -136,6 +158,8 @@ class Machine:
                 raise MachineExit(1, f"btvm: the VM stopped: {stop.reason} {stop.info}")
         except MachineExit as e:
             return e
+        except QuitRequest:
+            return MachineExit(0, "btvm: quit (Ctrl-A x)")
         except TripleFault as tf:
             return MachineExit(1, f"btvm: {tf} at eip={cpu.st.eip:#x}; the VM stops")
         except GuestFault as f:

@@ -521,4 +521,4 @@ class SystemCPU(CPU):
         return not (bits >> (port % 8)) & ((1 << size) - 1)
 
     def tsc(self):
-        return self.icount + self.tsc_offset
+        return self.icount + self.extra_ns + self.tsc_offset
