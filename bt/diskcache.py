@@ -11,7 +11,7 @@ Folder: ~/.cache/btvm/code (BTVM_CACHE_DIR overrides, BTVM_NO_CACHE=1 disables).
 Writes are atomic (temporary file + os.replace), so concurrent processes are
 safe; an entry that is truncated, corrupt or from another version is ignored
 (and replaced by the rebuilt one).  The folder is kept under BTVM_CACHE_MAX_MB
-(default 512) by evicting the least recently used entries (mtime, touched on a hit).
+(default 2048: a cold Linux boot stores ~500 MB) by evicting the least recently used entries (mtime, touched on a hit).
 """
 import hashlib
 import json
@@ -76,7 +76,7 @@ class DiskCache:
         self.root = Path(root)
         self.version = hashlib.sha256((source_hash() + "|" + fingerprint).encode()).hexdigest()
         if max_bytes is None:
-            max_bytes = int(float(os.environ.get("BTVM_CACHE_MAX_MB", "512")) * 2**20)
+            max_bytes = int(float(os.environ.get("BTVM_CACHE_MAX_MB", "2048")) * 2**20)
         self.max_bytes = max_bytes
         self._written = 0
         self._sized = None          # bytes in the folder, measured at the first write

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Boot Debian's 686 kernel + a busybox initramfs to the /init marker under btvm (cold and warm
+translation cache) and under qemu-system-i386 -accel tcg, in one run; print times and ratios.
+
+    python tools/bench_boot.py [--repeat N] [--json FILE] [--timeout S]
+
+The guest images come from tools/fetch_guests.sh all; the initramfs (built here) prints
+BTVM-INIT-OK from /init and powers off.  QEMU is skipped with a note if it is not installed
+(Debian package qemu-system-x86).  A benchmark, not a test: this machine is noisy, quote ratios.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = b"BTVM-INIT-OK"
+
+
+def guests():
+    out = subprocess.run(["sh", str(ROOT / "tools/fetch_guests.sh"), "all"], capture_output=True, text=True, check=True)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+def time_to_marker(cmd, timeout, env=None):
+    """Seconds until MARKER appears on stdout (the process is then left to finish or killed)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    os.set_blocking(p.stdout.fileno(), False)
+    seen = b""
+    try:
+        while time.monotonic() - t0 < timeout:
+            chunk = p.stdout.read()
+            if chunk:
+                seen += chunk
+                if MARKER in seen:
+                    return time.monotonic() - t0
+            elif p.poll() is not None:
+                break
+            else:
+                time.sleep(0.05)
+        return None
+    finally:
+        p.kill()
+        p.wait()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=1, help="warm btvm and QEMU runs to take the median of (default 1)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per boot (default 3600)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+
+    g = guests()
+    work = Path(tempfile.mkdtemp(prefix="btvm-bench-boot-"))
+    initrd = work / "initrd.cpio.gz"
+    subprocess.run([sys.executable, str(ROOT / "tools/make_initramfs.py"), "--busybox", g["busybox"],
+                    "--script", os.devnull, "-o", str(initrd)], check=True, capture_output=True)
+    btvm = [sys.executable, "-m", "runtime.cli", "boot", "-kernel", g["kernel"], "-initrd", str(initrd),
+            "-append", "console=ttyS0", "-m", "256", "-no-stdin"]
+    env = dict(os.environ, BTVM_CACHE_DIR=str(work / "code"))
+    rows = {}
+    print("btvm cold (empty translation cache)...", file=sys.stderr)
+    rows["btvm cold"] = [time_to_marker(btvm, args.timeout, env)]
+    print("btvm warm...", file=sys.stderr)
+    rows["btvm warm"] = [time_to_marker(btvm, args.timeout, env) for _ in range(args.repeat)]
+    qemu = shutil.which("qemu-system-i386")
+    if qemu:
+        print("qemu-system-i386...", file=sys.stderr)
+        cmd = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-m", "256", "-kernel", g["kernel"],
+               "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1"]
+        rows["qemu-system-i386"] = [time_to_marker(cmd, args.timeout) for _ in range(args.repeat)]
+    else:
+        print("qemu-system-i386 not installed (Debian package qemu-system-x86): no QEMU column", file=sys.stderr)
+    med = {k: (statistics.median(v) if all(x is not None for x in v) else None) for k, v in rows.items()}
+    q = med.get("qemu-system-i386")
+    print(f"{'boot to /init marker':24} {'seconds':>9} {'x QEMU':>8}")
+    for k, v in med.items():
+        ratio = f"{v / q:8.1f}" if v and q else "       -"
+        print(f"{k:24} {v if v is not None else float('nan'):9.1f} {ratio}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"median_seconds": med, "runs": rows}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
