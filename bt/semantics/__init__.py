@@ -62,7 +62,7 @@ def ends_block(insn):
 
 def load_all():
     """Import every family module so their registrations run."""
-    from . import alu, move, muldiv, shift, bits, bcd, control, string, flagops, system, x87  # noqa: F401
+    from . import alu, move, muldiv, shift, bits, bcd, control, string, flagops, system, checks, x87  # noqa: F401
 
 
 load_all()
