@@ -166,11 +166,12 @@ def build_parser():
     rn.add_argument("--clean-env", action="store_true", help="start from an empty environment")
     rn.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM ARGS")
     rn.set_defaults(fn=_cmd_run)
-    pr = sub.add_parser("profile", help="run a guest (run or exec) and report the code cache's counters",
-                        usage="btvm profile [--json FILE] [--top N] (run|exec) ARGS...")
+    pr = sub.add_parser("profile", help="run a guest (run, boot or exec) and report the code cache's counters",
+                        usage="btvm profile [--json FILE] [--html FILE] [--top N] (run|boot|exec) ARGS...")
     pr.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    pr.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with plots")
     pr.add_argument("--top", metavar="N", type=int, default=10, help="hottest blocks to list (default 10)")
-    pr.add_argument("target", nargs=argparse.REMAINDER, metavar="(run|exec) ARGS")
+    pr.add_argument("target", nargs=argparse.REMAINDER, metavar="(run|boot|exec) ARGS")
     pr.set_defaults(fn=_cmd_profile)
     return p
 

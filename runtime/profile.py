@@ -44,8 +44,62 @@ def collect(caches, top=10):
         "persistent_stores": total.get("persistent_stores", 0),
         "memo_hits": total.get("memo_hits", 0),
         "hottest": [{"eip": f"0x{tb.eip:08x}", "key": tb.key, "insns": tb.ninsns, "executions": n,
-                     "guest_instructions": n * tb.ninsns} for n, tb in hottest],
+                     "guest_instructions": n * tb.ninsns, "tier": _tier(),
+                     "disassembly": _disassemble(tb)} for n, tb in hottest],
+        "compile_timeline": _timeline(caches),
     }
+
+
+def _disassemble(tb):
+    """The guest instructions of a block (from its bytes: disk-loaded blocks keep only those)."""
+    import capstone
+    from bt import state as S
+    eip, key, raw = tb.memo_key
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32 if key & S.KEY_CS32 else capstone.CS_MODE_16)
+    return [f"{i.address:08x}  {i.mnemonic} {i.op_str}".rstrip() for i in cs.disasm(raw, eip)]
+
+
+def _timeline(caches):
+    """[(seconds since the first batch, cumulative compile seconds, cumulative blocks)]."""
+    log = sorted(x for c in caches for x in c.compile_log)
+    out, secs, blocks = [], 0.0, 0
+    t0 = log[0][0] if log else 0
+    for t, n, dt in log:
+        secs += dt
+        blocks += n
+        out.append((round(t - t0, 4), round(secs, 4), blocks))
+    return out
+
+
+def write_html(r, path):
+    """A single self-contained page: the figures, the hottest blocks and an SVG of compile time."""
+    import html
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in r.items() if k not in ("hottest", "compile_timeline", "tiers"))
+    tiers = "".join(f"<tr><td>tier {html.escape(t)}</td><td>{v['blocks']} blocks, {v['compile_seconds']:.3f} s</td></tr>"
+                    for t, v in r["tiers"].items())
+    hot = r["hottest"]
+    top = max((h["executions"] for h in hot), default=1)
+    bars = "".join(f'<rect x="0" y="{i * 22}" width="{600 * h["executions"] / top:.1f}" height="18" fill="#4a7"/>'
+                   f'<text x="4" y="{i * 22 + 13}" font-size="11">{h["eip"]} x{h["executions"]}</text>'
+                   for i, h in enumerate(hot))
+    tl = r["compile_timeline"]
+    tmax = max((p[0] for p in tl), default=1) or 1
+    smax = max((p[1] for p in tl), default=1) or 1
+    pts = " ".join(f"{600 * t / tmax:.1f},{200 - 190 * c / smax:.1f}" for t, c, _ in tl)
+    blocks = "".join(f"<h3>{h['eip']} ({h['insns']} insns, {h['executions']} runs, {h['tier']})</h3>"
+                     f"<pre>{html.escape(chr(10).join(h['disassembly']))}</pre>" for h in hot)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>btvm profile</title>
+<style>body{{font-family:sans-serif;margin:2em}}td{{padding:2px 8px}}pre{{background:#f4f4f4;padding:6px}}</style>
+</head><body><h1>btvm profile</h1><table>{tiers}{rows}</table>
+<h2>Hottest blocks</h2><svg width="620" height="{22 * len(hot) + 4}">{bars}</svg>
+<h2>Compile time over the run</h2><p>cumulative compile seconds (up to {smax:.2f} s) against seconds since
+the first batch (up to {tmax:.2f} s), {tl[-1][2] if tl else 0} blocks</p>
+<svg width="620" height="210"><polyline fill="none" stroke="#36c" stroke-width="2" points="{pts}"/>
+<line x1="0" y1="200" x2="600" y2="200" stroke="#999"/></svg>
+<h2>Disassembly of the hottest blocks</h2>{blocks}</body></html>"""
+    with open(path, "w") as f:
+        f.write(page)
 
 
 def format_report(r):
@@ -69,8 +123,9 @@ def format_report(r):
 def run(args, build_parser):
     """args.target: ['run' | 'exec', ARGS...]; returns the guest command's exit status."""
     from bt import cache as C, emit
-    if not args.target or args.target[0] not in ("run", "exec"):
-        print("btvm profile: expected 'run PROGRAM ARGS...' or 'exec CASE.json'", file=sys.stderr)
+    if not args.target or args.target[0] not in ("run", "exec", "boot"):
+        print("btvm profile: expected 'run PROGRAM ARGS...', 'boot [-kernel ...]' or 'exec CASE.json'",
+              file=sys.stderr)
         return 2
     emit.COUNT_EXECS = True
     C.TRACK = []
@@ -88,4 +143,6 @@ def run(args, build_parser):
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
                 f.write("\n")
+        if getattr(args, "html", None):
+            write_html(report, args.html)
     return status

@@ -1,0 +1,21 @@
+"""`btvm profile`: the JSON keys the issue fixes, hottest blocks with disassembly, the HTML page."""
+import json
+import subprocess
+import sys
+
+
+def test_profile_boot_demo_json_and_html(tmp_path):
+    j, h = tmp_path / "p.json", tmp_path / "p.html"
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "profile", "--top", "3", "--json", str(j),
+                          "--html", str(h), "boot", "-no-stdin"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "btvm profile:" in out.stderr and "done, powering off" in out.stdout
+    r = json.loads(j.read_text())
+    for key in ("compiled_blocks", "tiers", "lookups", "hits", "misses", "chain_links", "invalidations",
+                "persistent_hits", "hottest"):
+        assert key in r
+    assert r["lookups"] == r["hits"] + r["misses"]
+    assert len(r["hottest"]) == 3 and all(b["disassembly"] and b["executions"] > 0 for b in r["hottest"])
+    assert r["invalidations"].get("smc", 0) > 0          # the demo writes its IDT next to its code
+    page = h.read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page and r["hottest"][0]["eip"] in page
