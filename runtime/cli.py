@@ -107,7 +107,18 @@ def _cmd_boot(args):
     if not 2 <= args.m <= 3072:
         print(f"btvm boot: -m {args.m}: guest RAM must be between 2 and 3072 MiB", file=sys.stderr)
         return 1
-    m = Machine(ram_mb=args.m, icount=args.clock == "icount")
+    rtc_base = None
+    if args.rtc is not None:
+        import calendar
+        import datetime
+        spec = args.rtc[5:] if args.rtc.startswith("base=") else args.rtc
+        try:
+            when = datetime.datetime.strptime(spec, "%Y-%m-%dT%H:%M:%S")
+        except ValueError:
+            print(f"btvm boot: -rtc {args.rtc}: expected base=YYYY-MM-DDTHH:MM:SS (UTC)", file=sys.stderr)
+            return 1
+        rtc_base = calendar.timegm(when.timetuple())
+    m = Machine(ram_mb=args.m, icount=args.clock == "icount", rtc_base=rtc_base)
     try:
         if is_bzimage(kernel):
             m.load_linux(kernel, args.append or "", initrd)
@@ -152,6 +163,9 @@ def build_parser():
                     help="virtual time: 'icount' counts guest instructions, 1 ns each (deterministic, and "
                          "consistent with the TSC, which always counts instructions; default), or 'host' "
                          "follows the host's monotonic clock")
+    bo.add_argument("-rtc", metavar="base=DATETIME",
+                    help="start the CMOS clock at a fixed UTC time (YYYY-MM-DDTHH:MM:SS) instead of the host's: "
+                         "with -clock icount the whole run is then deterministic")
     bo.add_argument("-icount", dest="clock", action="store_const", const="icount", help="same as -clock icount")
     bo.add_argument("-status", metavar="SECONDS", type=float, default=None,
                     help="print a status line (guest MIPS, blocks compiled) on stderr every SECONDS")

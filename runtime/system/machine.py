@@ -27,7 +27,7 @@ class MachineExit(Exception):
 
 
 class Machine:
-    def __init__(self, ram_mb=128, serial_out=None, icount=False, reset_exits=True):
+    def __init__(self, ram_mb=128, serial_out=None, icount=False, reset_exits=True, rtc_base=None):
         from runtime.devices import build_pc
         from runtime.devices.bus import IOBus
         from runtime.devices.clock import VirtualClock
@@ -40,7 +40,8 @@ class Machine:
         self.cpu.interrupt_shadow = False
         self.clock = VirtualClock(icount=(lambda: self.cpu.icount + self.cpu.extra_ns) if icount else None)
         out = serial_out or (lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
-        self.pc = build_pc(self.bus, self.clock, ram_mb, out, on_reset=self._reset, on_exit=self._debug_exit)
+        self.pc = build_pc(self.bus, self.clock, ram_mb, out, on_reset=self._reset, on_exit=self._debug_exit,
+                           rtc_start_time=rtc_base)
         self.reset_exits = reset_exits
         self.halted = False
 
