@@ -80,6 +80,8 @@ class CodeCache:
         self.slot_target = {}                 # slot address -> TB
         self.by_fn = {}
         self.on_install = None
+        self.insns = {}                       # (eip, key) -> decoded instruction (callouts)
+        self.insns_by_page = {}               # page -> keys of self.insns
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
         self.compile_log = []                 # (time, blocks, seconds) per batch
@@ -295,16 +297,41 @@ class CodeCache:
             self.counters["invalidations_" + cause] += 1
 
     def invalidate_page(self, page, cause="smc"):
-        """Drop every block with bytes on a guest page; returns how many."""
+        """Drop every block with bytes on a guest page (and its decoded callout instructions);
+        returns how many blocks."""
         tbs = list(self.by_page.get(page, ()))
         for tb in tbs:
             self.forget(tb, cause)
         self.by_page.pop(page, None)
+        for k in self.insns_by_page.pop(page, ()):
+            self.insns.pop(k, None)
         return len(tbs)
+
+    def instruction(self, eip, key):
+        """The decoded instruction at (eip, key), for the runtime's callout handlers; None if the
+        bytes do not decode.  Kept until its page is invalidated, like the blocks, so a callout
+        (a syscall, an IN/OUT) does not pay for Capstone each time."""
+        k = (eip, key)
+        insn = self.insns.get(k)
+        if insn is None:
+            blk = decode_block(self.fetch, eip, key | S.KEY_STEP, ends_block)
+            if not blk.insns:
+                return None
+            insn = blk.insns[0]
+            if (eip & 0xFFF) + insn.size <= 0x1000:
+                self.insns[k] = insn
+                self.insns_by_page.setdefault(eip & ~0xFFF, []).append(k)
+        return insn
+
+    def forget_instructions(self):
+        """Drop every decoded callout instruction (the linear->physical mapping changed)."""
+        self.insns.clear()
+        self.insns_by_page.clear()
 
     def has_code(self, page):
         return bool(self.by_page.get(page))
 
     def flush(self, cause="flush"):
+        self.forget_instructions()
         for tb in list(self.blocks.values()):
             self.forget(tb, cause)

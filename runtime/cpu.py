@@ -235,10 +235,10 @@ class CPU:
     # ---- the run loop ---------------------------------------------------------------
     def insn_at(self, eip):
         """The decoded instruction at eip (for callout handlers)."""
-        blk = decode_block(self._fetch, eip, self.key | S.KEY_STEP, ends_block)
-        if not blk.insns:
+        insn = self.cache.instruction(eip, self.key)
+        if insn is None:
             raise GuestFault(UD)
-        return blk.insns[0]
+        return insn
 
     def raise_exception(self, vector, error=None, fault_addr=None):
         """Hand an architectural exception (eip at the faulting instruction) to the machine."""

@@ -433,7 +433,6 @@ def cache(cpu, insn):
         page = linear_of(cpu, insn.ops[0].mem) & 0xFFFFF000
         cpu.tlb_flush_page(page)
         cpu.cache.invalidate_page(page, "unmap")
-        cpu._forget_insns(page)
     elif m == "clts":
         cpu.cr0 &= ~CR0_TS
         cpu.update_key()

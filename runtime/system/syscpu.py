@@ -45,8 +45,6 @@ class SystemCPU(CPU):
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
         self.block_phys = {}    # (eip, key) -> physical page the block was translated from
-        self.insn_cache = {}    # (eip, key) -> decoded callout instruction
-        self.insn_pages = {}    # linear page -> keys in insn_cache
         super().__init__(mem, S.make_key(cpl=0))
         self.cache.on_install = self._on_install
         self.sync_segments()
@@ -102,7 +100,6 @@ class SystemCPU(CPU):
             if lins:
                 for lin in lins:
                     self.cache.invalidate_page(lin, "smc")
-                    self._forget_insns(lin)
                 self.st.smc = 1
 
     # ---- soft-MMU slow paths ------------------------------------------------------------------
@@ -238,8 +235,7 @@ class SystemCPU(CPU):
         self.tlb_flush()
         cache = self.cache
         ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
-        self.insn_cache.clear()
-        self.insn_pages.clear()
+        cache.forget_instructions()
         self.counters_switches = getattr(self, "counters_switches", 0) + 1
 
     def _miss(self):
@@ -247,31 +243,12 @@ class SystemCPU(CPU):
         tb = self.cache.blocks.get((eip, key))
         if tb is not None:
             try:
-                phys, glob, _ = self.translate(eip, False, self.cpl == 3, True)
-                phys &= ~0xFFF
+                phys = self.translate(eip, False, self.cpl == 3, True)[0] & ~0xFFF
             except PageFault:
-                phys, glob = None, False
+                phys = None
             if self.block_phys.get((eip, key), phys) != phys:
                 self.cache.forget(tb, "remap")
         super()._miss()
-
-    def insn_at(self, eip):
-        """Decoded callout instruction, cached by address and checked against the current bytes."""
-        # Entries are dropped when their page's code is invalidated and on every address-space
-        # switch, so a hit needs no page walk (callouts such as IN/OUT are frequent).
-        k = (eip, self.key)
-        insn = self.insn_cache.get(k)
-        if insn is not None:
-            return insn
-        insn = super().insn_at(eip)
-        if (eip & 0xFFF) + insn.size <= 0x1000:
-            self.insn_cache[k] = insn
-            self.insn_pages.setdefault(eip & ~0xFFF, []).append(k)
-        return insn
-
-    def _forget_insns(self, lin_page):
-        for k in self.insn_pages.pop(lin_page, ()):
-            self.insn_cache.pop(k, None)
 
     def set_cr4(self, v):
         if v & ~(CR4_TSD | 0x8 | CR4_PSE | CR4_PGE | 0x200 | 0x400):
