@@ -27,7 +27,7 @@ STATUS = CF | PF | AF | ZF | SF | OF
 COMPARED_FLAGS = STATUS | DF          # the most flags_mask ever compares
 FLAG_NAMES = {CF: "CF", PF: "PF", AF: "AF", ZF: "ZF", SF: "SF", DF: "DF", OF: "OF"}
 
-VEC_DE, VEC_UD = 0, 6
+VEC_DE, VEC_BR, VEC_UD = 0, 5, 6
 
 ORACLE_NAME = "unicorn"
 
@@ -354,7 +354,7 @@ def run_unicorn(case, strict: bool = True):
     if bad:
         raise OracleError("; ".join(bad[:5]))
     if state["intr"] is not None:
-        if state["intr"] not in (VEC_DE, VEC_UD):
+        if state["intr"] not in (VEC_DE, VEC_BR, VEC_UD):   # faults: eip stays at the instruction
             raise OracleError(f"unexpected interrupt {state['intr']}")
         exception = {"vector": state["intr"], "error_code": None}
 
