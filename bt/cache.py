@@ -12,7 +12,7 @@ from collections import Counter, defaultdict, deque
 from . import state as S
 from .decode import decode_block, DecodeError
 from .jit import ModuleText, shared_jit
-from . import diskcache, emit
+from . import diskcache, emit, tier2
 from .semantics import ends_block, Unsupported
 from .translate import translate_block, static_successors
 
@@ -23,6 +23,12 @@ import ctypes
 _MEMO = {}
 # First function name of every disk-cache entry loaded into this process (its symbols are taken).
 _LOADED = set()
+# Tier-2 regions by the memo key of each member: a cache that adopts a memoized tier-1 block
+# takes its whole region instead when every member's bytes are in its memory.
+_REGIONS = {}
+# Tier-2 blocks made while profiling (the profiler reads their counters; they are not in _MEMO:
+# a region member must not be adopted without the blocks it calls directly).
+TIER2 = []
 # When a list (set by `btvm profile`), every CodeCache created appends itself to it.
 TRACK = None
 _DISKS = {}
@@ -33,17 +39,18 @@ def shared_disk(jit):
     root = diskcache.default_dir()
     if root is None:
         return None
-    k = (str(root), id(jit), emit.COUNT_EXECS)
+    k = (str(root), id(jit), emit.COUNT_EXECS, tier2.THRESHOLD)
     d = _DISKS.get(k)
     if d is None:
-        d = _DISKS[k] = diskcache.DiskCache(root, jit.fingerprint() + f"|count={emit.COUNT_EXECS}")
+        d = _DISKS[k] = diskcache.DiskCache(root, jit.fingerprint() +
+                                            f"|count={emit.COUNT_EXECS}|hot={max(tier2.THRESHOLD, 0)}")
     return d
 
 
 class TB:
     """A translated block."""
     __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "name",
-                 "counter")
+                 "counter", "tier", "region", "promoting")
 
     def __init__(self, block, fn, slots, name):
         self.eip, self.key, self.block = block.eip, block.key, block
@@ -54,6 +61,9 @@ class TB:
         self.execs = 0
         self.memo_key = (block.eip, block.key, block.raw)
         self.counter = 0          # address of the block's execution counter (COUNT_EXECS), else 0
+        self.tier = 1
+        self.region = ()          # tier 2: every block of the region (they call each other directly)
+        self.promoting = False    # tier 1: in a region on its way through the optimizer
 
     def executions(self):
         return ctypes.c_uint64.from_address(self.counter).value if self.counter else None
@@ -61,15 +71,18 @@ class TB:
 
 class CodeCache:
     def __init__(self, fetch, on_code_page=None, jit=None, batch=16, batch_insns=256, max_blocks=200_000,
-                 disk=None):
+                 disk=None, optimizer=None):
         """fetch(addr, n) -> bytes of executable guest memory; on_code_page(page) is
         called when a page first holds translated code (so the memory can trap writes);
         on_install(tb), if set, is called for every block entering the cache.
-        disk: a bt.diskcache.DiskCache, False for none, None for the shared default."""
+        disk: a bt.diskcache.DiskCache, False for none, None for the shared default;
+        optimizer: a bt.tier2.Optimizer, False for no tier 2, None for the shared default."""
         self.fetch = fetch
         self.on_code_page = on_code_page or (lambda page: None)
         self.jit = jit or shared_jit()
         self.disk = shared_disk(self.jit) if disk is None else (disk or None)
+        self.optimizer = tier2.shared_optimizer() if optimizer is None else (optimizer or None)
+        self.hot_threshold = tier2.THRESHOLD if self.optimizer is not None else 0
         self.batch = batch
         self.batch_insns = batch_insns
         self.max_blocks = max_blocks
@@ -157,7 +170,7 @@ class CodeCache:
             raise DecodeError(first.stop_reason or "undecodable")
         todo = deque([first])
         seen = {eip}
-        mt = ModuleText(f"batch{self.jit.modules}")
+        mt = ModuleText(f"batch{self.jit.modules}", hot=self.hot_threshold)
         uid = secrets.token_hex(6)      # symbol names unique across processes sharing the disk cache
         pending = []
         adopted = []
@@ -181,6 +194,8 @@ class CodeCache:
             for nxt in static_successors(blk):
                 if nxt not in seen and (nxt, key) not in self.blocks:
                     seen.add(nxt)
+                    if self.disk is not None and self.disk.has(nxt, key, self.fetch(nxt, diskcache.WINDOW)):
+                        continue        # compiled by an earlier run: loaded when first reached
                     try:
                         b = self._decode(nxt, key)
                     except Exception:
@@ -203,9 +218,11 @@ class CodeCache:
                 _MEMO[tb.memo_key] = tb
                 adopted.append(tb)
                 fresh.add(tb)
-            if self.disk is not None and pending[0][0].eip == eip:
+            if self.disk is not None:
                 _LOADED.add(pending[0][1])
-                if self.disk.store(eip, key, window, [(b.eip, b.raw, len(b.insns), n, sl) for b, n, sl in pending], obj):
+                stored = [(b.eip, b.raw, window if b.eip == eip else self.fetch(b.eip, diskcache.WINDOW),
+                           len(b.insns), n, sl) for b, n, sl in pending]
+                if self.disk.store(key, stored, obj):
                     self.counters["persistent_stores"] += 1
         return self._adopt(adopted, eip, key, fresh)
 
@@ -217,6 +234,9 @@ class CodeCache:
         result = None
         for tb in tbs:
             if (tb.eip, tb.key) in self.blocks:
+                continue
+            region = _REGIONS.get(tb.memo_key)
+            if region is not None and self._adopt_region(region):
                 continue
             if tb.owner is not None and tb.owner is not self:
                 tb.owner.forget(tb)
@@ -247,15 +267,16 @@ class CodeCache:
         for blk, name, sl in ent.blocks:
             tb = TB(blk, fns[name], [slots[s] for s in sl], name)
             self._attach_counter(tb)
+            # Blocks whose guest bytes changed since are kept only in the memo (keyed by their
+            # bytes): they are adopted if memory ever holds those bytes again.
             _MEMO.setdefault(tb.memo_key, tb)
-            tbs.append(tb)
+            if blk.eip in ent.valid:
+                tbs.append(tb)
         self.counters["persistent_hits"] += len(tbs)
         self.counters["persistent_batches"] += 1
-        if all(tb.eip != eip for tb in tbs):
-            return None
         return self._adopt(tbs, eip, key, fresh=set(tbs))
 
-    def _install(self, tb):
+    def _install(self, tb, notify=True):
         if len(self.blocks) >= self.max_blocks:
             self.flush("capacity")
         tb.owner = self
@@ -268,7 +289,7 @@ class CodeCache:
             if not self.by_page[p]:
                 self.on_code_page(p)
             self.by_page[p].add(tb)
-        if self.on_install is not None:
+        if notify and self.on_install is not None:
             self.on_install(tb)
 
     def cut_paths_into(self, tb):
@@ -295,6 +316,8 @@ class CodeCache:
         if cause:
             self.counters["invalidations"] += 1
             self.counters["invalidations_" + cause] += 1
+        for other in tb.region:
+            self.forget(other, cause)      # they call tb directly
 
     def invalidate_page(self, page, cause="smc"):
         """Drop every block with bytes on a guest page (and its decoded callout instructions);
@@ -327,6 +350,122 @@ class CodeCache:
         """Drop every decoded callout instruction (the linear->physical mapping changed)."""
         self.insns.clear()
         self.insns_by_page.clear()
+
+    # ---- tier 2 ---------------------------------------------------------------------
+    def hot(self, eip, key):
+        """A tier-1 block ran out its hot counter (EXIT_HOT): send its region to the optimizer."""
+        tb = self.blocks.get((eip, key))
+        if tb is None or tb.tier != 1 or tb.promoting or self.optimizer is None:
+            return
+        region = self._region(tb)
+        uid = secrets.token_hex(4)
+        names = {b.eip: f"t{b.eip:08x}_{key:x}_{uid}" for _, b in region}
+        mt = ModuleText(f"tier2_{eip:x}_{uid}", region=names)
+        old, blocks, slots = [], [], []
+        try:
+            for t, blk in region:
+                blk2, sl = translate_block(blk, names[blk.eip], mt)
+                old.append(t)
+                blocks.append(blk2)
+                slots.append(sl)
+        except (Unsupported, DecodeError):
+            self.counters["tier2_errors"] += 1
+            return
+        for t in old:
+            t.promoting = True
+        self.counters["tier2_regions"] += 1
+        self.optimizer.submit(tier2.Job(self, old, blocks, [names[b.eip] for b in blocks], slots, mt.text()))
+        if self.optimizer.sync:
+            self.poll_tier2()
+
+    def _decoded(self, tb):
+        blk = tb.block
+        if isinstance(blk, diskcache.StoredBlock):     # from the disk cache: decode its bytes again
+            raw, eip = blk.raw, blk.eip
+            blk = decode_block(lambda a, n: raw[a - eip:a - eip + n], eip, tb.key, ends_block)
+        return blk
+
+    def _region(self, tb):
+        """The hot block and the warm tier-1 blocks it reaches by direct jumps (same page when
+        paging is on: chains never leave a page there)."""
+        out, seen, todo, insns = [], {tb.eip}, deque([tb]), 0
+        warm = max(1, self.hot_threshold // 4)
+        while todo and len(out) < tier2.MAX_BLOCKS:
+            t = todo.popleft()
+            blk = self._decoded(t)
+            if not blk.insns or insns + len(blk.insns) > tier2.MAX_INSNS and out:
+                continue
+            out.append((t, blk))
+            insns += len(blk.insns)
+            for nxt in static_successors(blk):
+                if nxt in seen or (t.key & S.KEY_PG and (nxt ^ tb.eip) & ~0xFFF):
+                    continue
+                seen.add(nxt)
+                s = self.blocks.get((nxt, t.key))
+                if s is not None and s.tier == 1 and not s.promoting and self._runs(s) >= warm:
+                    todo.append(s)
+        return out
+
+    def _runs(self, tb):
+        """Executions of a tier-1 block so far (from its hot counter)."""
+        try:
+            addr = self.jit.engine.get_global_value_address(tb.name + "_h")
+        except Exception:
+            return 0
+        left = ctypes.c_int32.from_address(addr).value if addr else self.hot_threshold
+        return self.hot_threshold - left
+
+    def _adopt_region(self, region):
+        """Take a tier-2 region made by another cache if its guest bytes are all here."""
+        for m in region:
+            eip, key, raw = m.memo_key
+            if self.fetch(eip, len(raw)) != raw:
+                return False
+        for m in region:
+            if m.owner is not None and m.owner is not self:
+                m.owner.forget(m)
+        for m in region:
+            old = self.blocks.get((m.eip, m.key))
+            if old is not None and old is not m:
+                self.forget(old)
+            if old is not m:
+                self._install(m)
+        self.counters["tier2_adopted"] += len(region)
+        return True
+
+    def poll_tier2(self):
+        """Install every region the optimizer has finished (call between native runs)."""
+        opt = self.optimizer
+        while opt is not None and opt.done:
+            job = opt.done.popleft()
+            job.owner._install_region(job)
+
+    def _install_region(self, job):
+        for t in job.old:
+            t.promoting = False
+        if job.error is not None:
+            self.counters["tier2_errors"] += 1
+            return
+        if any(self.blocks.get((t.eip, t.key)) is not t for t in job.old):
+            self.counters["tier2_dropped"] += 1        # invalidated while being optimized
+            return
+        fns, slots = self.jit.load_object(job.obj, job.names, [s for sl in job.slots for s in sl])
+        new = []
+        for t, blk, name, sl in zip(job.old, job.blocks, job.names, job.slots):
+            self.forget(t)
+            tb = TB(blk, fns[name], [slots[s] for s in sl], name)
+            tb.tier = 2
+            self._attach_counter(tb)
+            new.append(tb)
+        for tb in new:
+            tb.region = tuple(x for x in new if x is not tb)
+            _REGIONS[tb.memo_key] = new
+            # Not announced (on_install): it replaces a block translated from the same bytes.
+            self._install(tb, notify=False)
+        if TRACK is not None:
+            TIER2.extend(new)
+        self.counters["tier2_blocks"] += len(new)
+        self.counters["tier2_compile_us"] += int(job.seconds * 1e6)
 
     def has_code(self, page):
         return bool(self.by_page.get(page))

@@ -1,11 +1,18 @@
 """Persistent translation cache: compiled batches on disk, reused by later runs.
 
 An entry holds one batch's relocatable object code (bt.jit) and, for each block
-in it, the guest address and the exact guest bytes it was translated from.  It
-is found by a hash of (translator version, head address, translation key, the
-first guest bytes at the head) and used only if every block's bytes still match
-guest memory, so a hit skips decoding, IR generation and LLVM entirely.  The
-translator version hashes the bt/ sources, llvmlite/LLVM and the host CPU.
+in it, the guest address and the exact guest bytes it was translated from.  Its
+file name is a hash of (translator version, head address, translation key, the
+first guest bytes at the head); an index maps the same triple for *every* block
+of every entry to the entry, so a run that diverges from an earlier one (other
+batch heads, other miss order) still finds each block it meets.  A block is
+used only if its bytes still match guest memory, so a hit skips decoding, IR
+generation and LLVM entirely.  The translator version hashes the sources that
+shape the machine code, llvmlite/LLVM and the host CPU.
+
+The index is a folder of append-only logs of fixed-size records, one log per
+process (so writers never contend), merged into one when they pile up; a record
+whose entry was evicted or is corrupt just misses.
 
 Folder: ~/.cache/btvm/code (BTVM_CACHE_DIR overrides, BTVM_NO_CACHE=1 disables).
 Writes are atomic (temporary file + os.replace), so concurrent processes are
@@ -16,6 +23,7 @@ safe; an entry that is truncated, corrupt or from another version is ignored
 import hashlib
 import json
 import os
+import secrets
 import struct
 import tempfile
 from pathlib import Path
@@ -23,17 +31,23 @@ from pathlib import Path
 MAGIC = b"BTVMOBJ1"
 WINDOW = 32                 # guest bytes at the head that are part of the lookup key
 _HDR = struct.Struct("<8s32sII")     # magic, sha256(meta + object), len(meta), len(object)
+_REC = struct.Struct("<II8s32s")      # block eip, key, sha256(window)[:8], entry name (sha256)
+MERGE_AT = 32                         # index logs that trigger a merge
+# Sources that decide batching and storage, not the machine code: editing them keeps the cache.
+_NOT_CODEGEN = {"cache.py", "diskcache.py"}
 
 _source_hash = None
 
 
 def source_hash():
-    """Hash of the translator's own sources (every bt/ Python file)."""
+    """Hash of the translator's sources that shape the generated code (bt/ minus _NOT_CODEGEN)."""
     global _source_hash
     if _source_hash is None:
         h = hashlib.sha256()
         root = Path(__file__).resolve().parent
         for p in sorted(root.rglob("*.py")):
+            if p.name in _NOT_CODEGEN and p.parent == root:
+                continue
             h.update(str(p.relative_to(root)).encode() + b"\0")
             h.update(p.read_bytes())
         _source_hash = h.hexdigest()
@@ -69,6 +83,7 @@ class Entry:
         self.meta, self.obj, self.path = meta, obj, path
         self.blocks = [(StoredBlock(b[0], meta["key"], bytes.fromhex(b[1]), b[2]), b[3], b[4])
                        for b in meta["blocks"]]
+        self.valid = set()          # eips of the blocks whose bytes matched guest memory at lookup
 
 
 class DiskCache:
@@ -81,32 +96,140 @@ class DiskCache:
         self._written = 0
         self._sized = None          # bytes in the folder, measured at the first write
         self.errors = 0
+        self._index = None          # (eip, key, window digest) -> [entry name], loaded at first use
+        self._log = None            # this process's index log (opened at the first store)
 
-    def _path(self, eip, key, window):
-        h = hashlib.sha256(f"{self.version}:{eip:x}:{key:x}:".encode() + window).hexdigest()
+    def _name(self, eip, key, window):
+        return hashlib.sha256(f"{self.version}:{eip:x}:{key:x}:".encode() + window).digest()
+
+    def _path_of(self, name):
+        h = name.hex()
         return self.root / h[:2] / (h[2:] + ".bto")
 
+    def _path(self, eip, key, window):
+        return self._path_of(self._name(eip, key, window))
+
+    @staticmethod
+    def _wdigest(window):
+        return hashlib.sha256(window).digest()[:8]
+
     def lookup(self, eip, key, window, fetch):
-        """The valid entry for a batch headed at (eip, key) whose first guest bytes are window
-        (fetch(eip, WINDOW)), or None."""
+        """A valid entry holding the block at (eip, key) whose first guest bytes are window
+        (fetch(eip, WINDOW)), or None.  The entry's `valid` names the blocks (by eip) whose
+        bytes still match guest memory; the one at eip always does."""
+        head = self._name(eip, key, window)
+        names = [head] + [n for n in self.index().get((eip, key, self._wdigest(window)), ()) if n != head]
+        for name in names:
+            ent = self._open(name, eip, key, fetch)
+            if ent is not None:
+                return ent
+        return None
+
+    def has(self, eip, key, window):
+        """Whether the index knows a block at (eip, key) with these first bytes (a hint: the
+        entry may since have been evicted)."""
+        return (eip, key, self._wdigest(window)) in self.index()
+
+    def _open(self, name, eip, key, fetch):
+        path = self._path_of(name)
         try:
-            path = self._path(eip, key, window)
             with open(path, "rb") as f:
                 data = f.read()
         except OSError:
             return None
         ent = self._parse(data, path)
-        if ent is None or ent.meta.get("version") != self.version or ent.meta.get("eip") != eip \
-                or ent.meta.get("key") != key:
+        if ent is None or ent.meta.get("version") != self.version or ent.meta.get("key") != key:
             return None
         for blk, _, _ in ent.blocks:
-            if fetch(blk.eip, len(blk.raw)) != blk.raw:
-                return None
+            if fetch(blk.eip, len(blk.raw)) == blk.raw:
+                ent.valid.add(blk.eip)
+        if eip not in ent.valid:
+            return None
         try:
             os.utime(path)          # LRU: a hit makes the entry recent
         except OSError:
             pass
         return ent
+
+    # ---- the block index ------------------------------------------------------------
+    def index(self):
+        """The block index: (eip, key, window digest) -> [entry names]."""
+        if self._index is None:
+            self._index = {}
+            logs = self._logs()
+            for p in logs:
+                try:
+                    data = p.read_bytes()
+                except OSError:
+                    continue
+                self._add_records(data)
+            if len(logs) >= MERGE_AT:
+                self._merge(logs)
+        return self._index
+
+    def _logs(self):
+        try:
+            return sorted((self.root / "index").glob("*.log"))
+        except OSError:
+            return []
+
+    def _add_records(self, data):
+        idx = self._index
+        for eip, key, wd, name in _REC.iter_unpack(data[:len(data) - len(data) % _REC.size]):
+            lst = idx.setdefault((eip, key, wd), [])
+            if name not in lst:
+                lst.append(name)
+
+    def _merge(self, logs):
+        """Rewrite the index as one log without the records of evicted entries."""
+        alive = {}
+        out = bytearray()
+        for (eip, key, wd), names in self._index.items():
+            for n in names:
+                ok = alive.get(n)
+                if ok is None:
+                    ok = alive[n] = self._path_of(n).exists()
+                if ok:
+                    out += _REC.pack(eip, key, wd, n)
+        try:
+            self._atomic_write(self.root / "index" / f"merged-{secrets.token_hex(8)}.log", bytes(out))
+        except OSError:
+            self.errors += 1
+            return
+        for p in logs:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+    def _append_index(self, records):
+        data = b"".join(_REC.pack(*r) for r in records)
+        self.index()
+        self._add_records(data)
+        try:
+            if self._log is None:
+                d = self.root / "index"
+                d.mkdir(parents=True, exist_ok=True)
+                # O_APPEND and one write per batch: records of one process never interleave.
+                self._log = os.open(d / f"{os.getpid()}-{secrets.token_hex(6)}.log",
+                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(self._log, data)
+        except OSError:
+            self.errors += 1
+
+    def _atomic_write(self, path, data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def _parse(self, data, path):
         try:
@@ -122,30 +245,22 @@ class DiskCache:
             self.errors += 1
             return None
 
-    def store(self, eip, key, window, blocks, obj):
-        """blocks: [(eip, raw bytes, ninsns, function name, [slot names])] of the object."""
-        meta = json.dumps({"version": self.version, "eip": eip, "key": key,
-                           "blocks": [[b, raw.hex(), n, name, list(slots)] for b, raw, n, name, slots in blocks]},
+    def store(self, key, blocks, obj):
+        """Persist one compiled batch.  blocks: [(eip, raw bytes, window, ninsns, function name,
+        [slot names])] of the object, the head first; window is fetch(eip, WINDOW)."""
+        meta = json.dumps({"version": self.version, "eip": blocks[0][0], "key": key,
+                           "blocks": [[b, raw.hex(), n, name, list(slots)]
+                                      for b, raw, _, n, name, slots in blocks]},
                           separators=(",", ":")).encode()
         body = meta + obj
         data = _HDR.pack(MAGIC, hashlib.sha256(body).digest(), len(meta), len(obj)) + body
-        path = self._path(eip, key, window)
+        name = self._name(blocks[0][0], key, blocks[0][2])
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            self._atomic_write(self._path_of(name), data)
         except OSError:
             self.errors += 1
             return False
+        self._append_index([(b, key, self._wdigest(w), name) for b, _, w, _, _, _ in blocks])
         self._account(len(data))
         return True
 

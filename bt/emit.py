@@ -302,6 +302,17 @@ class Emitter:
 
     def _emit_prologue(self):
         self.lines.append("entry:")
+        if self.module.hot:
+            # Count down to tier 2 (bt.tier2): at zero, leave before doing anything.
+            g = self.module.new_hot(self.name)
+            n = self.sub(self.op(f"load i32, ptr @{g}", "i32"), self.c(1))
+            self.emit(f"store i32 {n.s}, ptr @{g}")
+            hot, cold = self.new_label("hot"), self.new_label("warm")
+            self.cbr(self.icmp("eq", n, self.c(0)), hot, cold)
+            self.set_label(hot)
+            self._store_eip(self.c(self.block.eip))
+            self.emit(f"ret i32 {S.EXIT_HOT}")
+            self.set_label(cold)
         if COUNT_EXECS:
             g = self.module.new_counter(self.name)
             n = self.op(f"load i64, ptr @{g}", "i64")
@@ -670,6 +681,15 @@ class Emitter:
         if not flushed:
             self.flush()
         self._store_eip(self.c(target))
+        inner = self.module.region.get(target)
+        if inner is not None:
+            # Both blocks are in this tier-2 region: a direct call that LLVM can inline (a loop
+            # becomes a real loop with the guest registers in SSA).
+            r = self.op(f"musttail call i32 @{inner}(ptr %st)", "i32")
+            self.emit(f"ret i32 {r.s}")
+            self.terminated = True
+            self.scope = saved
+            return
         slot = self.module.new_slot(self.name)
         self.slots.append(slot)
         fp = self.op(f"load ptr, ptr @{slot}", PTR)
@@ -737,4 +757,7 @@ class Emitter:
 
     def text(self):
         body = "\n".join(self.lines[:1] + self.entry_lines + self.lines[1:] + self.deferred)
-        return f"define i32 @{self.name}(ptr %st) {{\n{body}\n}}\n"
+        # noalias: guest memory, the jump cache and chain slots never overlap the CPU state, which
+        # lets an optimized region keep state fields in registers across its guest memory accesses.
+        attr = "noalias " if self.module.region else ""
+        return f"define i32 @{self.name}(ptr {attr}%st) {{\n{body}\n}}\n"

@@ -24,11 +24,17 @@ def _init():
 class ModuleText:
     """Accumulates the IR text of one batch: declarations, chain-slot globals, functions."""
 
-    def __init__(self, name):
+    def __init__(self, name, hot=0, region=None):
+        """hot: executions before a block asks for tier 2 (0: no hot counters);
+        region: {guest eip: function name} of the blocks compiled together as one tier-2
+        region, whose direct exits to each other become direct calls."""
         self.name = name
         self.decls = set()
         self.slots = []
         self.counters = []
+        self.hot = hot
+        self.hots = []
+        self.region = region or {}
         self.functions = []
 
     def declare(self, line):
@@ -44,11 +50,17 @@ class ModuleText:
         self.counters.append(name)
         return name
 
+    def new_hot(self, fname):
+        name = f"{fname}_h"
+        self.hots.append(name)
+        return name
+
     def text(self):
         parts = [f"; ModuleID = '{self.name}'"]
         parts += sorted(self.decls)
         parts += [f"@{s} = global ptr null, align 8" for s in self.slots]
         parts += [f"@{c} = global i64 0, align 8" for c in self.counters]
+        parts += [f"@{h} = global i32 {self.hot}, align 4" for h in self.hots]
         parts += self.functions
         return "\n".join(parts) + "\n"
 

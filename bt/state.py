@@ -27,6 +27,7 @@ EXIT_EXCEPTION = 2   # exc_vector / exc_error hold an architectural exception; e
 EXIT_CALLOUT = 3     # callout_id names a sensitive instruction for the VMM; eip at it, next_eip after it
 EXIT_HLT = 4         # HLT executed; eip after it
 EXIT_SMC = 5         # a store hit translated code; eip at the next instruction
+EXIT_HOT = 6         # a tier-1 block's hot counter ran out (bt.tier2); eip at the block, nothing done
 
 NO_ERROR_CODE = 0xFFFFFFFF
 

@@ -289,6 +289,8 @@ class CPU:
             budget = SLICE if remaining is None else min(SLICE, remaining)
             st.budget = budget
             st.tsc_base = (self.icount + self.extra_ns + self.tsc_offset + budget) & 0xFFFFFFFFFFFFFFFF
+            if self.cache.optimizer is not None and self.cache.optimizer.done:
+                self.cache.poll_tier2()
             try:
                 rc = self._enter(self.st_addr)
                 done = budget - st.budget
@@ -323,6 +325,8 @@ class CPU:
                     remaining = None if remaining is None else remaining - 1
                 elif rc == S.EXIT_SMC:
                     st.smc = 0
+                elif rc == S.EXIT_HOT:
+                    self.cache.hot(st.eip, self.key)
                 elif rc == S.EXIT_HLT:
                     raise Stop("hlt")
             except GuestFault as f:

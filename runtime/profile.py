@@ -8,10 +8,14 @@ import json
 import sys
 
 
-def _tier():
+def _tier1():
     from bt.jit import shared_jit
-    jit = shared_jit()
-    return f"llvm-O{jit.opt}"
+    return f"1: llvm-O{shared_jit().opt} blocks"
+
+
+def _tier2():
+    from bt import tier2
+    return f"2: llvm-O{tier2.OPT} regions"
 
 
 def collect(caches, top=10):
@@ -22,16 +26,23 @@ def collect(caches, top=10):
             total[k] = total.get(k, 0) + v
     invalidations = {k[len("invalidations_"):]: v for k, v in sorted(total.items())
                      if k.startswith("invalidations_")}
-    blocks = {}
-    for tb in list(C._MEMO.values()):
+    blocks = {}           # memo key -> [executions in every tier, a TB, tiers it ran in]
+    for tb in list(C._MEMO.values()) + list(C.TIER2):
         n = tb.executions()
         if n:
-            blocks[tb.memo_key] = (n, tb)
+            b = blocks.setdefault(tb.memo_key, [0, tb, set()])
+            b[0] += n
+            b[2].add(tb.tier)
     hottest = sorted(blocks.values(), key=lambda x: -x[0])[:top]
     return {
-        "compiled_blocks": total.get("compiled_blocks", 0),
-        "tiers": {_tier(): {"blocks": total.get("compiled_blocks", 0),
-                            "compile_seconds": round(total.get("compile_us", 0) / 1e6, 6)}},
+        "compiled_blocks": total.get("compiled_blocks", 0) + total.get("tier2_blocks", 0),
+        "tiers": {_tier1(): {"blocks": total.get("compiled_blocks", 0),
+                             "compile_seconds": round(total.get("compile_us", 0) / 1e6, 6)},
+                  _tier2(): {"blocks": total.get("tier2_blocks", 0),
+                             "compile_seconds": round(total.get("tier2_compile_us", 0) / 1e6, 6),
+                             "regions": total.get("tier2_regions", 0),
+                             "adopted_blocks": total.get("tier2_adopted", 0),
+                             "dropped_regions": total.get("tier2_dropped", 0)}},
         "translate_seconds": round(total.get("translate_seconds_x1e6", 0) / 1e6, 6),
         "batches": total.get("batches", 0),
         "lookups": total.get("lookups", 0),
@@ -44,8 +55,8 @@ def collect(caches, top=10):
         "persistent_stores": total.get("persistent_stores", 0),
         "memo_hits": total.get("memo_hits", 0),
         "hottest": [{"eip": f"0x{tb.eip:08x}", "key": tb.key, "insns": tb.ninsns, "executions": n,
-                     "guest_instructions": n * tb.ninsns, "tier": _tier(),
-                     "disassembly": _disassemble(tb)} for n, tb in hottest],
+                     "guest_instructions": n * tb.ninsns, "tier": "+".join(map(str, sorted(tiers))),
+                     "disassembly": _disassemble(tb)} for n, tb, tiers in hottest],
         "compile_timeline": _timeline(caches),
     }
 
@@ -104,9 +115,11 @@ the first batch (up to {tmax:.2f} s), {tl[-1][2] if tl else 0} blocks</p>
 
 def format_report(r):
     lines = ["btvm profile:"]
+    lines.append(f"  compiled blocks   {r['compiled_blocks']:>10}   ({r['translate_seconds']:.3f} s decoding+IR, "
+                 f"{r['batches']} tier-1 batches)")
     for tier, t in r["tiers"].items():
-        lines.append(f"  compiled blocks   {r['compiled_blocks']:>10}   ({tier}: {t['compile_seconds']:.3f} s compiling, "
-                     f"{r['translate_seconds']:.3f} s decoding+IR, {r['batches']} batches)")
+        lines.append(f"    tier {tier:24} {t['blocks']:>8} blocks, {t['compile_seconds']:.3f} s compiling"
+                     + (f" ({t['regions']} regions, on a background thread)" if "regions" in t else ""))
     lines.append(f"  persistent hits   {r['persistent_hits']:>10}   (blocks loaded from the disk cache; "
                  f"{r['persistent_stores']} batches stored)")
     lines.append(f"  lookups           {r['lookups']:>10}   (hits {r['hits']}, misses {r['misses']})")
@@ -114,9 +127,9 @@ def format_report(r):
     inv = ", ".join(f"{k} {v}" for k, v in r["invalidations"].items()) or "none"
     lines.append(f"  invalidations     {sum(r['invalidations'].values()):>10}   ({inv})")
     if r["hottest"]:
-        lines.append("  hottest blocks:        eip  insns  executions")
+        lines.append("  hottest blocks:        eip  insns  executions  tier")
         for h in r["hottest"]:
-            lines.append(f"    {h['eip']:>24} {h['insns']:>6} {h['executions']:>11}")
+            lines.append(f"    {h['eip']:>24} {h['insns']:>6} {h['executions']:>11}  {h['tier']}")
     return "\n".join(lines)
 
 

@@ -108,6 +108,32 @@ def test_entry_for_other_guest_bytes_is_not_used(tmp_path):
     assert b["compiled"] > 0
 
 
+def test_divergent_run_finds_blocks_of_other_batches(tmp_path):
+    """A run whose first block differs (so its batches have other heads) still loads every
+    block an earlier run compiled, through the block index, and compiles only what is new."""
+    program_d = PROGRAM_A.replace(asm("xor eax, eax", 0), asm("sub eax, eax", 0))
+    assert program_d != PROGRAM_A and len(program_d) == len(PROGRAM_A)
+    ref = _run(program_d, tmp_path / "fresh")
+    a = _run(PROGRAM_A, tmp_path)
+    d = _run(program_d, tmp_path)
+    assert d["compiled"] == 1 and d["hits"] >= a["compiled"] - 1
+    assert (d["eax"], d["ebx"]) == (ref["eax"], ref["ebx"])
+    assert list((tmp_path / "index").glob("*.log"))
+
+
+def test_index_logs_are_merged(tmp_path):
+    from bt import diskcache
+    for _ in range(3):
+        _run(PROGRAM_A, tmp_path, BTVM_NO_CACHE="")
+    for i in range(diskcache.MERGE_AT):
+        (tmp_path / "index" / f"junk{i}.log").write_bytes(b"\x01" * 7)     # a torn record: ignored
+    _run(PROGRAM_A, tmp_path)
+    logs = list((tmp_path / "index").glob("*.log"))
+    assert len(logs) <= 2             # the merged one and this run's own (if it stored anything)
+    again = _run(PROGRAM_A, tmp_path)
+    assert again["compiled"] == 0
+
+
 def test_concurrent_writers(tmp_path):
     procs = [_start(PROGRAM_A, tmp_path) for _ in range(4)]
     results = []
@@ -128,7 +154,7 @@ def test_lru_eviction(tmp_path):
     fetch = lambda a, n: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + n]   # noqa: E731
     for i in range(1, 40):
         eip = 0x1000 * i
-        d.store(eip, 1, fetch(eip, 32), [(eip, fetch(eip, 8), 1, f"f{i}", [])], b"\xcc" * 2000)
+        d.store(1, [(eip, fetch(eip, 8), fetch(eip, 32), 1, f"f{i}", [])], b"\xcc" * 2000)
         if i == 2:
             old = d._path(0x1000, 1, fetch(0x1000, 32))
             os.utime(old, (1, 1))

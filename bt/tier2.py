@@ -1,0 +1,113 @@
+"""Tier 2: hot regions of tier-1 code recompiled by LLVM at -O2 on a background thread.
+
+Tier-1 blocks (bt.cache, LLVM -O0) count down from THRESHOLD executions and then
+leave with EXIT_HOT.  The code cache then picks a *region*: the hot block and
+the tier-1 blocks it reaches by direct jumps that are themselves warm.  The
+region is re-emitted from the same semantics (bt.translate) with its internal
+direct exits as direct calls, so LLVM's inliner and tail-call elimination turn
+a guest loop into a host loop with guest registers in SSA and flags computed
+only where live.  The Optimizer compiles it to an object on its own thread (its
+own LLVM context and target machine: llvmlite releases the GIL while compiling),
+and the code cache swaps the region in between two native runs, where no
+translated code is executing (bt.cache.CodeCache.poll_tier2).
+
+BTVM_HOT=N sets the threshold (0 turns tier 2 off); BTVM_TIER2_SYNC=1 compiles on
+the calling thread (tests: the swap then happens at a deterministic point).
+"""
+import os
+import threading
+import time
+from collections import deque
+
+import llvmlite.binding as llvm
+
+THRESHOLD = int(os.environ.get("BTVM_HOT", "20000"))
+SYNC = os.environ.get("BTVM_TIER2_SYNC", "") not in ("", "0")
+MAX_BLOCKS = 12          # blocks per region
+MAX_INSNS = 400          # guest instructions per region
+OPT = 2
+
+
+class Job:
+    """One region on its way through the optimizer."""
+    __slots__ = ("owner", "old", "blocks", "names", "slots", "text", "obj", "error", "seconds")
+
+    def __init__(self, owner, old, blocks, names, slots, text):
+        self.owner = owner            # the code cache that installs the result
+        self.old, self.blocks, self.names, self.slots, self.text = old, blocks, names, slots, text
+        self.obj = self.error = None
+        self.seconds = 0.0
+
+
+class Optimizer:
+    """Compiles tier-2 modules to relocatable objects, off the guest's thread."""
+
+    def __init__(self, sync=SYNC):
+        from .jit import _init
+        _init()
+        target = llvm.Target.from_default_triple()
+        self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
+                                               features=llvm.get_host_cpu_features().flatten(),
+                                               opt=OPT, jit=True)
+        self.sync = sync
+        self.done = deque()          # finished jobs; appended by the worker, drained by the code cache
+        self._todo = deque()
+        self._wake = threading.Condition()
+        self._thread = None
+        self.inflight = 0            # submitted and not yet in done
+
+    def submit(self, job):
+        if self.sync:
+            self._run(job)
+            return
+        with self._wake:
+            self.inflight += 1
+            self._todo.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name="btvm-tier2", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _worker(self):
+        while True:
+            with self._wake:
+                while not self._todo:
+                    self._wake.wait()
+                job = self._todo.popleft()
+            self._run(job)
+            with self._wake:
+                self.inflight -= 1
+
+    def _run(self, job):
+        t0 = time.perf_counter()
+        try:
+            # A context of its own: the guest thread keeps compiling tier-1 code in the global one.
+            ctx = llvm.create_context()
+            mod = llvm.parse_assembly(job.text, context=ctx)
+            pto = llvm.create_pipeline_tuning_options(speed_level=OPT)
+            pb = llvm.create_pass_builder(self.tm, pto)
+            pb.getModulePassManager().run(mod, pb)
+            job.obj = self.tm.emit_object(mod)
+        except Exception as exc:          # a bug of ours: the region just stays at tier 1
+            job.error = exc
+        job.seconds = time.perf_counter() - t0
+        self.done.append(job)
+
+    def wait_idle(self, timeout=60.0):
+        """Block until every submitted job is finished (tests, benchmarks)."""
+        end = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < end:
+            time.sleep(0.005)
+
+
+_shared = None
+
+
+def shared_optimizer():
+    """The process-wide optimizer, or None when tier 2 is off."""
+    global _shared
+    if THRESHOLD <= 0:
+        return None
+    if _shared is None:
+        _shared = Optimizer()
+    return _shared

@@ -1,0 +1,158 @@
+"""Tier 2 (bt/tier2.py): hot regions recompiled at -O2 must behave exactly like tier 1.
+
+Every test forces promotion with a small hot threshold and a synchronous optimizer, so
+the swap happens at a deterministic point, and compares with Unicorn (the oracle)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bt import cache as C, tier2
+from runtime.snippet import Snippet, run_case
+from tests.helpers import asm, make_case, oracle_mismatches
+
+
+@pytest.fixture
+def promote(monkeypatch):
+    """Tier 2 after `threshold` executions, compiled on the calling thread."""
+    def set_threshold(threshold):
+        monkeypatch.setattr(tier2, "THRESHOLD", threshold)
+        monkeypatch.setattr(tier2, "_shared", tier2.Optimizer(sync=True))
+    monkeypatch.setenv("BTVM_NO_CACHE", "1")
+    return set_threshold
+
+
+def _tier2_blocks(sn):
+    return [tb for tb in sn.cpu.cache.blocks.values() if tb.tier == 2]
+
+
+def test_loop_runs_in_a_region_and_matches_unicorn(promote):
+    promote(16)
+    # crc-like loop: a conditional inside a counted loop (several blocks reaching each other).
+    code = asm("""
+        mov esi, 0x3000
+        mov ecx, 300
+        mov edx, 0xFFFFFFFF
+    byte_loop:
+        movzx ebx, byte ptr [esi]
+        xor edx, ebx
+        mov edi, 8
+    bit_loop:
+        shr edx, 1
+        jnc no_xor
+        xor edx, 0xEDB88320
+    no_xor:
+        dec edi
+        jnz bit_loop
+        mov [esi], dl
+        inc esi
+        dec ecx
+        jnz byte_loop
+        hlt
+    """, 0x1000)
+    case = make_case(code, data={0x3000: bytes((i * 37 + 11) & 0xFF for i in range(300))}, max_instructions=10**6)
+    r = run_case(case)
+    assert oracle_mismatches(case, r) == []
+
+
+def test_region_counters_and_swap(promote):
+    promote(16)
+    code = asm("mov ecx, 1000; xor eax, eax; l: add eax, ecx; test cl, 1; jz s; xor eax, 0x55; "
+               "s: dec ecx; jnz l; hlt", 0x1000)
+    sn = Snippet(trace_writes=False)
+    try:
+        sn.mem.write(0x1000, code)
+        sn.cpu.set_reg("eip", 0x1000)
+        stop = sn.cpu.run(10**6)
+        assert stop.reason == "hlt"
+        c = sn.cpu.cache.counters
+        assert c["tier2_regions"] >= 1 and c["tier2_blocks"] >= 2
+        t2 = _tier2_blocks(sn)
+        assert t2 and all(tb.region for tb in t2)         # members know each other
+    finally:
+        sn.close()
+    case = make_case(code, max_instructions=10**6)
+    assert oracle_mismatches(case, run_case(case)) == []
+
+
+def test_self_modifying_code_inside_a_region(promote):
+    """A promoted loop patches an immediate of its own region: every member is dropped
+    (they call each other directly) and the new code runs, as on hardware."""
+    promote(8)
+    code = asm("""
+        mov ecx, 200
+        xor ebx, ebx
+    top:
+        mov eax, 1
+        add ebx, eax
+        cmp ecx, 100
+        jne skip
+        mov byte ptr [0x1008], 3
+    skip:
+        dec ecx
+        jnz top
+        hlt
+    """, 0x1000)
+    assert code[7:9] == bytes.fromhex("b801")        # mov eax, imm32 at 0x1007: imm at 0x1008
+    case = make_case(code, max_instructions=10**6)
+    r = run_case(case)
+    assert r["final"]["regs"]["ebx"] == 101 * 1 + 99 * 3
+    assert oracle_mismatches(case, r) == []
+
+
+def test_faults_inside_a_region_are_precise(promote):
+    """A #DE deep in an optimized loop reports the faulting instruction and the state before it."""
+    promote(8)
+    code = asm("mov ecx, 100; l: mov eax, 1000; xor edx, edx; div ecx; add ebx, eax; add [0x7000], edx; "
+               "dec ecx; jmp l", 0x1000)
+    case = make_case(code, max_instructions=10**6)
+    r = run_case(case)
+    assert r["exception"] and r["exception"]["vector"] == 0
+    assert oracle_mismatches(case, r) == []
+
+
+def test_max_instructions_is_exact_in_a_region(promote):
+    promote(8)
+    code = asm("xor eax, eax; l: inc eax; add ebx, eax; jmp l", 0x1000)
+    for n in (1000, 1001, 4097):
+        r = run_case(make_case(code, max_instructions=n))
+        regs = r["final"]["regs"]
+        k = (n - 1) // 3                 # loop iterations done, and what the last one left
+        done = (n - 1) % 3
+        eax = k + (done >= 1)
+        assert r["instructions"] == n
+        assert (regs["eax"], regs["ebx"]) == (eax, k * (k + 1) // 2 + (eax if done >= 2 else 0))
+
+
+def test_a_new_cache_adopts_the_region(promote):
+    promote(16)
+    code = asm("mov ecx, 500; l: add eax, ecx; rol eax, 3; dec ecx; jnz l; hlt", 0x1000)
+    results = []
+    for _ in range(2):
+        sn = Snippet(trace_writes=False)
+        try:
+            sn.mem.write(0x1000, code)
+            sn.cpu.set_reg("eip", 0x1000)
+            sn.cpu.run(10**6)
+            results.append((sn.cpu.reg("eax"), dict(sn.cpu.cache.counters)))
+        finally:
+            sn.close()
+    (a, first), (b, second) = results
+    assert a == b and first["tier2_blocks"] >= 1
+    assert second["tier2_adopted"] >= 1 and second.get("tier2_regions", 0) == 0
+
+
+def test_profile_reports_tier2(tmp_path):
+    j = tmp_path / "p.json"
+    env = dict(os.environ, BTVM_HOT="200", BTVM_TIER2_SYNC="1", BTVM_NO_CACHE="1")
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "profile", "--top", "5", "--json", str(j),
+                          "boot", "-no-stdin"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(j.read_text())
+    t2 = [v for k, v in r["tiers"].items() if k.startswith("2")][0]
+    t1 = [v for k, v in r["tiers"].items() if k.startswith("1")][0]
+    assert t2["blocks"] > 0 and t2["compile_seconds"] > 0
+    assert r["compiled_blocks"] == t1["blocks"] + t2["blocks"]
+    assert any("2" in h["tier"] for h in r["hottest"])
