@@ -263,6 +263,12 @@ class CodeCache:
             self.counters["persistent_errors"] += 1
             return None
         _LOADED.add(names[0])
+        if ent.tier == 2:
+            region = self._make_region([(blk, fns[name], [slots[s] for s in sl], name) for blk, name, sl in ent.blocks])
+            self._adopt_region(region)
+            self.counters["persistent_hits"] += len(region)
+            self.counters["persistent_regions"] += 1
+            return self.blocks[(eip, key)]
         tbs = []
         for blk, name, sl in ent.blocks:
             tb = TB(blk, fns[name], [slots[s] for s in sl], name)
@@ -270,8 +276,9 @@ class CodeCache:
             # Blocks whose guest bytes changed since are kept only in the memo (keyed by their
             # bytes): they are adopted if memory ever holds those bytes again.
             _MEMO.setdefault(tb.memo_key, tb)
-            if blk.eip in ent.valid:
-                tbs.append(tb)
+            if blk.eip in ent.valid and (blk.eip == eip or not self.disk.in_region(
+                    blk.eip, key, self.fetch(blk.eip, diskcache.WINDOW))):
+                tbs.append(tb)      # (a block in a stored region is loaded with it when reached)
         self.counters["persistent_hits"] += len(tbs)
         self.counters["persistent_batches"] += 1
         return self._adopt(tbs, eip, key, fresh=set(tbs))
@@ -450,22 +457,36 @@ class CodeCache:
             self.counters["tier2_dropped"] += 1        # invalidated while being optimized
             return
         fns, slots = self.jit.load_object(job.obj, job.names, [s for sl in job.slots for s in sl])
-        new = []
-        for t, blk, name, sl in zip(job.old, job.blocks, job.names, job.slots):
+        _LOADED.add(job.names[0])
+        new = self._make_region([(blk, fns[name], [slots[s] for s in sl], name)
+                                 for blk, name, sl in zip(job.blocks, job.names, job.slots)])
+        for t in job.old:
             self.forget(t)
-            tb = TB(blk, fns[name], [slots[s] for s in sl], name)
+        for tb in new:
+            # Not announced (on_install): it replaces a block translated from the same bytes.
+            self._install(tb, notify=False)
+        self.counters["tier2_blocks"] += len(new)
+        self.counters["tier2_compile_us"] += int(job.seconds * 1e6)
+        if self.disk is not None:
+            stored = [(b.eip, b.raw, self.fetch(b.eip, diskcache.WINDOW), len(b.insns), n, sl)
+                      for b, n, sl in zip(job.blocks, job.names, job.slots)]
+            if self.disk.store(job.old[0].key, stored, job.obj, tier=2):
+                self.counters["persistent_stores"] += 1
+
+    def _make_region(self, members):
+        """Tier-2 TBs from [(block, function address, slot addresses, name)], knowing each other."""
+        new = []
+        for blk, fn, slots, name in members:
+            tb = TB(blk, fn, slots, name)
             tb.tier = 2
             self._attach_counter(tb)
             new.append(tb)
         for tb in new:
             tb.region = tuple(x for x in new if x is not tb)
             _REGIONS[tb.memo_key] = new
-            # Not announced (on_install): it replaces a block translated from the same bytes.
-            self._install(tb, notify=False)
         if TRACK is not None:
             TIER2.extend(new)
-        self.counters["tier2_blocks"] += len(new)
-        self.counters["tier2_compile_us"] += int(job.seconds * 1e6)
+        return new
 
     def has_code(self, page):
         return bool(self.by_page.get(page))

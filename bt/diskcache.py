@@ -31,7 +31,8 @@ from pathlib import Path
 MAGIC = b"BTVMOBJ1"
 WINDOW = 32                 # guest bytes at the head that are part of the lookup key
 _HDR = struct.Struct("<8s32sII")     # magic, sha256(meta + object), len(meta), len(object)
-_REC = struct.Struct("<II8s32s")      # block eip, key, sha256(window)[:8], entry name (sha256)
+_REC = struct.Struct("<II8s32sI")     # block eip, key, sha256(window)[:8], entry name (sha256), tier
+INDEX_DIR = "index1"                  # the number is the record format's version
 MERGE_AT = 32                         # index logs that trigger a merge
 # Sources that decide batching and storage, not the machine code: editing them keeps the cache.
 _NOT_CODEGEN = {"cache.py", "diskcache.py"}
@@ -84,6 +85,7 @@ class Entry:
         self.blocks = [(StoredBlock(b[0], meta["key"], bytes.fromhex(b[1]), b[2]), b[3], b[4])
                        for b in meta["blocks"]]
         self.valid = set()          # eips of the blocks whose bytes matched guest memory at lookup
+        self.tier = meta.get("tier", 1)
 
 
 class DiskCache:
@@ -116,9 +118,11 @@ class DiskCache:
     def lookup(self, eip, key, window, fetch):
         """A valid entry holding the block at (eip, key) whose first guest bytes are window
         (fetch(eip, WINDOW)), or None.  The entry's `valid` names the blocks (by eip) whose
-        bytes still match guest memory; the one at eip always does."""
+        bytes still match guest memory; the one at eip always does.  Tier-2 regions come first
+        (the newest entries) and are valid only whole: their blocks call each other directly."""
         head = self._name(eip, key, window)
-        names = [head] + [n for n in self.index().get((eip, key, self._wdigest(window)), ()) if n != head]
+        names = [n for n in reversed(self.index().get((eip, key, self._wdigest(window)), ())) if n != head]
+        names.append(head)
         for name in names:
             ent = self._open(name, eip, key, fetch)
             if ent is not None:
@@ -129,6 +133,11 @@ class DiskCache:
         """Whether the index knows a block at (eip, key) with these first bytes (a hint: the
         entry may since have been evicted)."""
         return (eip, key, self._wdigest(window)) in self.index()
+
+    def in_region(self, eip, key, window):
+        """Whether a stored tier-2 region holds the block at (eip, key) with these first bytes."""
+        self.index()
+        return (eip, key, self._wdigest(window)) in self._in_region
 
     def _open(self, name, eip, key, fetch):
         path = self._path_of(name)
@@ -143,7 +152,7 @@ class DiskCache:
         for blk, _, _ in ent.blocks:
             if fetch(blk.eip, len(blk.raw)) == blk.raw:
                 ent.valid.add(blk.eip)
-        if eip not in ent.valid:
+        if eip not in ent.valid or (ent.tier == 2 and len(ent.valid) != len(ent.blocks)):
             return None
         try:
             os.utime(path)          # LRU: a hit makes the entry recent
@@ -156,6 +165,8 @@ class DiskCache:
         """The block index: (eip, key, window digest) -> [entry names]."""
         if self._index is None:
             self._index = {}
+            self._tiers = {}            # entry name -> tier
+            self._in_region = set()     # index keys of blocks that some tier-2 region holds
             logs = self._logs()
             for p in logs:
                 try:
@@ -169,16 +180,19 @@ class DiskCache:
 
     def _logs(self):
         try:
-            return sorted((self.root / "index").glob("*.log"))
+            return sorted((self.root / INDEX_DIR).glob("*.log"))
         except OSError:
             return []
 
     def _add_records(self, data):
         idx = self._index
-        for eip, key, wd, name in _REC.iter_unpack(data[:len(data) - len(data) % _REC.size]):
+        for eip, key, wd, name, tier in _REC.iter_unpack(data[:len(data) - len(data) % _REC.size]):
             lst = idx.setdefault((eip, key, wd), [])
             if name not in lst:
                 lst.append(name)
+            self._tiers[name] = tier
+            if tier == 2:
+                self._in_region.add((eip, key, wd))
 
     def _merge(self, logs):
         """Rewrite the index as one log without the records of evicted entries."""
@@ -190,9 +204,9 @@ class DiskCache:
                 if ok is None:
                     ok = alive[n] = self._path_of(n).exists()
                 if ok:
-                    out += _REC.pack(eip, key, wd, n)
+                    out += _REC.pack(eip, key, wd, n, self._tiers.get(n, 1))
         try:
-            self._atomic_write(self.root / "index" / f"merged-{secrets.token_hex(8)}.log", bytes(out))
+            self._atomic_write(self.root / INDEX_DIR / f"merged-{secrets.token_hex(8)}.log", bytes(out))
         except OSError:
             self.errors += 1
             return
@@ -208,7 +222,7 @@ class DiskCache:
         self._add_records(data)
         try:
             if self._log is None:
-                d = self.root / "index"
+                d = self.root / INDEX_DIR
                 d.mkdir(parents=True, exist_ok=True)
                 # O_APPEND and one write per batch: records of one process never interleave.
                 self._log = os.open(d / f"{os.getpid()}-{secrets.token_hex(6)}.log",
@@ -245,22 +259,25 @@ class DiskCache:
             self.errors += 1
             return None
 
-    def store(self, key, blocks, obj):
-        """Persist one compiled batch.  blocks: [(eip, raw bytes, window, ninsns, function name,
-        [slot names])] of the object, the head first; window is fetch(eip, WINDOW)."""
-        meta = json.dumps({"version": self.version, "eip": blocks[0][0], "key": key,
+    def store(self, key, blocks, obj, tier=1):
+        """Persist one compiled batch (tier 1) or region (tier 2).  blocks: [(eip, raw bytes, window,
+        ninsns, function name, [slot names])] of the object, the head first; window is
+        fetch(eip, WINDOW)."""
+        meta = json.dumps({"version": self.version, "eip": blocks[0][0], "key": key, "tier": tier,
                            "blocks": [[b, raw.hex(), n, name, list(slots)]
                                       for b, raw, _, n, name, slots in blocks]},
                           separators=(",", ":")).encode()
         body = meta + obj
         data = _HDR.pack(MAGIC, hashlib.sha256(body).digest(), len(meta), len(obj)) + body
         name = self._name(blocks[0][0], key, blocks[0][2])
+        if tier != 1:       # not the tier-1 batch's name (that one is also found without the index)
+            name = hashlib.sha256(name + b"tier%d" % tier).digest()
         try:
             self._atomic_write(self._path_of(name), data)
         except OSError:
             self.errors += 1
             return False
-        self._append_index([(b, key, self._wdigest(w), name) for b, _, w, _, _, _ in blocks])
+        self._append_index([(b, key, self._wdigest(w), name, tier) for b, _, w, _, _, _ in blocks])
         self._account(len(data))
         return True
 

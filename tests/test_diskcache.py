@@ -47,7 +47,8 @@ sn.cpu.set_reg("eip", %d)
 stop = sn.cpu.run(1_000_000)
 c = sn.cpu.cache.counters
 print(json.dumps({"stop": stop.reason, "eax": sn.cpu.reg("eax"), "ebx": sn.cpu.reg("ebx"),
-                  "compiled": c["compiled_blocks"], "hits": c["persistent_hits"]}))
+                  "compiled": c["compiled_blocks"], "hits": c["persistent_hits"],
+                  "tier2": c["tier2_blocks"], "regions_loaded": c["persistent_regions"]}))
 """ % (CODE, CODE)
 
 
@@ -118,7 +119,20 @@ def test_divergent_run_finds_blocks_of_other_batches(tmp_path):
     d = _run(program_d, tmp_path)
     assert d["compiled"] == 1 and d["hits"] >= a["compiled"] - 1
     assert (d["eax"], d["ebx"]) == (ref["eax"], ref["ebx"])
-    assert list((tmp_path / "index").glob("*.log"))
+    from bt import diskcache
+    assert list((tmp_path / diskcache.INDEX_DIR).glob("*.log"))
+
+
+def test_tier2_regions_are_persisted(tmp_path):
+    env = {"BTVM_HOT": "10", "BTVM_TIER2_SYNC": "1"}
+    first = _run(PROGRAM_A, tmp_path, **env)
+    assert first["tier2"] > 0
+    second = _run(PROGRAM_A, tmp_path, **env)
+    assert second["compiled"] == 0 and second["tier2"] == 0 and second["regions_loaded"] >= 1
+    assert (second["eax"], second["ebx"]) == (first["eax"], first["ebx"])
+    b = _run(PROGRAM_B, tmp_path, **env)          # a region whose bytes changed is not used
+    b_ref = _run(PROGRAM_B, tmp_path / "fresh", **env)
+    assert (b["eax"], b["ebx"]) == (b_ref["eax"], b_ref["ebx"])
 
 
 def test_index_logs_are_merged(tmp_path):
@@ -126,9 +140,9 @@ def test_index_logs_are_merged(tmp_path):
     for _ in range(3):
         _run(PROGRAM_A, tmp_path, BTVM_NO_CACHE="")
     for i in range(diskcache.MERGE_AT):
-        (tmp_path / "index" / f"junk{i}.log").write_bytes(b"\x01" * 7)     # a torn record: ignored
+        (tmp_path / diskcache.INDEX_DIR / f"junk{i}.log").write_bytes(b"\x01" * 7)     # a torn record: ignored
     _run(PROGRAM_A, tmp_path)
-    logs = list((tmp_path / "index").glob("*.log"))
+    logs = list((tmp_path / diskcache.INDEX_DIR).glob("*.log"))
     assert len(logs) <= 2             # the merged one and this run's own (if it stored anything)
     again = _run(PROGRAM_A, tmp_path)
     assert again["compiled"] == 0
