@@ -64,11 +64,24 @@ class SystemCPU(CPU):
                     self.mem.write(addr + i, bytes([b]))
 
     def read_phys32(self, addr):
+        # Page-table walks read aligned dwords: index RAM as a ctypes array (no bytes objects).
+        if not addr & 3 and addr + 4 <= self.ram_size:
+            return self._ram32()[addr >> 2]
         return int.from_bytes(self.read_phys(addr, 4), "little")
 
     def write_phys32(self, addr, v):
-        self.write_phys(addr, v.to_bytes(4, "little"))
+        if not addr & 3 and addr + 4 <= self.ram_size:
+            self._ram32()[addr >> 2] = v
+        else:
+            self.write_phys(addr, v.to_bytes(4, "little"))
         self._phys_written(addr, 4)
+
+    def _ram32(self):
+        ram = self.__dict__.get("_ram32_view")
+        if ram is None or self._ram32_base != self.mem.base:
+            ram = self._ram32_view = (ctypes.c_uint32 * (self.ram_size // 4)).from_address(self.mem.base)
+            self._ram32_base = self.mem.base
+        return ram
 
     # ---- linear memory (for the runtime's own accesses, e.g. interrupt frames) --------------
     def translate(self, lin, write=False, user=None, fetch=False):
