@@ -21,8 +21,9 @@ import ctypes
 # Blocks compiled in this process, by (eip, key, guest bytes): a second machine
 # running the same code (the corpus, a re-run) reuses them instead of compiling.
 _MEMO = {}
-# First function name of every disk-cache entry loaded into this process (its symbols are taken).
-_LOADED = set()
+# Disk-cache entries whose object is loaded in this process (its symbols are taken), by entry
+# name: (tier, [TB of each block]).  A later miss on one of their blocks adopts the TB.
+_ENTRIES = {}
 # Tier-2 regions by the memo key of each member: a cache that adopts a memoized tier-1 block
 # takes its whole region instead when every member's bytes are in its memory.
 _REGIONS = {}
@@ -219,10 +220,11 @@ class CodeCache:
                 adopted.append(tb)
                 fresh.add(tb)
             if self.disk is not None:
-                _LOADED.add(pending[0][1])
                 stored = [(b.eip, b.raw, window if b.eip == eip else self.fetch(b.eip, diskcache.WINDOW),
                            len(b.insns), n, sl) for b, n, sl in pending]
-                if self.disk.store(key, stored, obj):
+                name = self.disk.store(key, stored, obj)
+                if name is not None:
+                    _ENTRIES[name] = (1, [tb for tb in adopted if tb in fresh])
                     self.counters["persistent_stores"] += 1
         return self._adopt(adopted, eip, key, fresh)
 
@@ -251,37 +253,59 @@ class CodeCache:
 
     def _from_disk(self, eip, key, window):
         """Install the blocks of a persistent-cache entry for (eip, key); returns the TB at eip or None."""
-        ent = self.disk.lookup(eip, key, window, self.fetch)
-        if ent is None:
-            return None
+        for name in self.disk.candidates(eip, key, window):
+            known = _ENTRIES.get(name)
+            if known is not None:           # loaded earlier in this process: no file to read
+                tb = self._adopt_entry(*known, eip, key)
+                if tb is not None:
+                    return tb
+                continue
+            ent = self.disk.open(name, eip, key, self.fetch)
+            if ent is not None:
+                return self._load_entry(ent, eip, key)
+        return None
+
+    def _load_entry(self, ent, eip, key):
         names = [name for _, name, _ in ent.blocks]
-        if not names or names[0] in _LOADED:
-            return None
         try:
             fns, slots = self.jit.load_object(ent.obj, names, [s for _, _, sl in ent.blocks for s in sl])
         except Exception:
             self.counters["persistent_errors"] += 1
             return None
-        _LOADED.add(names[0])
+        members = [(blk, fns[name], [slots[s] for s in sl], name) for blk, name, sl in ent.blocks]
         if ent.tier == 2:
-            region = self._make_region([(blk, fns[name], [slots[s] for s in sl], name) for blk, name, sl in ent.blocks])
-            self._adopt_region(region)
-            self.counters["persistent_hits"] += len(region)
+            tbs = self._make_region(members)
             self.counters["persistent_regions"] += 1
-            return self.blocks[(eip, key)]
-        tbs = []
-        for blk, name, sl in ent.blocks:
-            tb = TB(blk, fns[name], [slots[s] for s in sl], name)
-            self._attach_counter(tb)
-            # Blocks whose guest bytes changed since are kept only in the memo (keyed by their
-            # bytes): they are adopted if memory ever holds those bytes again.
-            _MEMO.setdefault(tb.memo_key, tb)
-            if blk.eip in ent.valid and (blk.eip == eip or not self.disk.in_region(
-                    blk.eip, key, self.fetch(blk.eip, diskcache.WINDOW))):
-                tbs.append(tb)      # (a block in a stored region is loaded with it when reached)
-        self.counters["persistent_hits"] += len(tbs)
+        else:
+            tbs = []
+            for blk, fn, sl, name in members:
+                tb = TB(blk, fn, sl, name)
+                self._attach_counter(tb)
+                # Blocks whose guest bytes changed since are kept only in the memo (keyed by their
+                # bytes): they are adopted if memory ever holds those bytes again.
+                _MEMO.setdefault(tb.memo_key, tb)
+                tbs.append(tb)
+        _ENTRIES[ent.name] = (ent.tier, tbs)
         self.counters["persistent_batches"] += 1
-        return self._adopt(tbs, eip, key, fresh=set(tbs))
+        return self._adopt_entry(ent.tier, tbs, eip, key)
+
+    def _adopt_entry(self, tier, tbs, eip, key):
+        """Install the blocks of a loaded entry that match guest memory; the TB at eip or None."""
+        def valid(tb):
+            e, _, raw = tb.memo_key
+            return self.fetch(e, len(raw)) == raw
+        if tier == 2:
+            if not self._adopt_region(tbs):
+                return None
+            self.counters["persistent_hits"] += len(tbs)
+            return self.blocks.get((eip, key))
+        # A block that a stored region holds is left to be loaded with its region when reached.
+        use = [tb for tb in tbs if tb.owner is not self and valid(tb) and (
+            tb.eip == eip or not self.disk.in_region(tb.eip, key, self.fetch(tb.eip, diskcache.WINDOW)))]
+        if all(tb.eip != eip for tb in use):
+            return None
+        self.counters["persistent_hits"] += len(use)
+        return self._adopt(use, eip, key, fresh=set(use))
 
     def _install(self, tb, notify=True):
         if len(self.blocks) >= self.max_blocks:
@@ -457,7 +481,6 @@ class CodeCache:
             self.counters["tier2_dropped"] += 1        # invalidated while being optimized
             return
         fns, slots = self.jit.load_object(job.obj, job.names, [s for sl in job.slots for s in sl])
-        _LOADED.add(job.names[0])
         new = self._make_region([(blk, fns[name], [slots[s] for s in sl], name)
                                  for blk, name, sl in zip(job.blocks, job.names, job.slots)])
         for t in job.old:
@@ -470,7 +493,9 @@ class CodeCache:
         if self.disk is not None:
             stored = [(b.eip, b.raw, self.fetch(b.eip, diskcache.WINDOW), len(b.insns), n, sl)
                       for b, n, sl in zip(job.blocks, job.names, job.slots)]
-            if self.disk.store(job.old[0].key, stored, job.obj, tier=2):
+            name = self.disk.store(job.old[0].key, stored, job.obj, tier=2)
+            if name is not None:
+                _ENTRIES[name] = (2, new)
                 self.counters["persistent_stores"] += 1
 
     def _make_region(self, members):

@@ -80,8 +80,8 @@ class StoredBlock:
 
 
 class Entry:
-    def __init__(self, meta, obj, path):
-        self.meta, self.obj, self.path = meta, obj, path
+    def __init__(self, meta, obj, path, name):
+        self.meta, self.obj, self.path, self.name = meta, obj, path, name
         self.blocks = [(StoredBlock(b[0], meta["key"], bytes.fromhex(b[1]), b[2]), b[3], b[4])
                        for b in meta["blocks"]]
         self.valid = set()          # eips of the blocks whose bytes matched guest memory at lookup
@@ -120,14 +120,18 @@ class DiskCache:
         (fetch(eip, WINDOW)), or None.  The entry's `valid` names the blocks (by eip) whose
         bytes still match guest memory; the one at eip always does.  Tier-2 regions come first
         (the newest entries) and are valid only whole: their blocks call each other directly."""
-        head = self._name(eip, key, window)
-        names = [n for n in reversed(self.index().get((eip, key, self._wdigest(window)), ())) if n != head]
-        names.append(head)
-        for name in names:
-            ent = self._open(name, eip, key, fetch)
+        for name in self.candidates(eip, key, window):
+            ent = self.open(name, eip, key, fetch)
             if ent is not None:
                 return ent
         return None
+
+    def candidates(self, eip, key, window):
+        """Names of the entries that may hold the block, the most promising first."""
+        head = self._name(eip, key, window)
+        names = [n for n in reversed(self.index().get((eip, key, self._wdigest(window)), ())) if n != head]
+        names.append(head)
+        return names
 
     def has(self, eip, key, window):
         """Whether the index knows a block at (eip, key) with these first bytes (a hint: the
@@ -139,14 +143,15 @@ class DiskCache:
         self.index()
         return (eip, key, self._wdigest(window)) in self._in_region
 
-    def _open(self, name, eip, key, fetch):
+    def open(self, name, eip, key, fetch):
+        """The entry called name if it is intact, of this version, and valid for (eip, key)."""
         path = self._path_of(name)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError:
             return None
-        ent = self._parse(data, path)
+        ent = self._parse(data, path, name)
         if ent is None or ent.meta.get("version") != self.version or ent.meta.get("key") != key:
             return None
         for blk, _, _ in ent.blocks:
@@ -245,7 +250,7 @@ class DiskCache:
                 pass
             raise
 
-    def _parse(self, data, path):
+    def _parse(self, data, path, name):
         try:
             magic, digest, nmeta, nobj = _HDR.unpack_from(data)
             if magic != MAGIC or len(data) != _HDR.size + nmeta + nobj:
@@ -254,7 +259,7 @@ class DiskCache:
             if hashlib.sha256(body).digest() != digest:
                 return None
             meta = json.loads(bytes(body[:nmeta]))
-            return Entry(meta, bytes(body[nmeta:]), path)
+            return Entry(meta, bytes(body[nmeta:]), path, name)
         except (struct.error, ValueError, KeyError, IndexError, TypeError):
             self.errors += 1
             return None
@@ -276,10 +281,10 @@ class DiskCache:
             self._atomic_write(self._path_of(name), data)
         except OSError:
             self.errors += 1
-            return False
+            return None
         self._append_index([(b, key, self._wdigest(w), name, tier) for b, _, w, _, _, _ in blocks])
         self._account(len(data))
-        return True
+        return name
 
     # ---- size bound ---------------------------------------------------------------
     def _entries(self):
