@@ -324,7 +324,7 @@ class Machine:
 
     def deliver_pending(self, saved_mask=None):
         for s in sorted(self.sig.pending):
-            if self.sig.mask & sg.bit(s) and saved_mask is None:
+            if self.sig.mask & sg.bit(s):
                 continue
             info = self.sig.pending.pop(s)
             h = self.sig.action(s)[0]

@@ -26,7 +26,8 @@ assert S.offset("regs") == 0 and S.offset("eip") == 32 and S.offset("eflags") ==
 SEG_BASE, SEG_SEL = S.offset("seg_base"), S.offset("seg_sel")
 FPU, FPU_SIZE = S.offset("fpu"), S.FPU_SLOT
 
-RUNNABLE, FUTEX, SLEEP, EXITED = "runnable", "futex", "sleep", "exited"
+RUNNABLE, FUTEX, SLEEP, SIGWAIT, EXITED = "runnable", "futex", "sleep", "sigwait", "exited"
+POLL = 0.05          # seconds: while every thread is parked, how often host signals are looked at
 FUTEX_BITSET_ANY = 0xFFFFFFFF
 
 
@@ -46,6 +47,7 @@ class Thread:
         self.deadline = None        # time.monotonic_ns() to give up a wait/sleep, or None
         self.timeout_result = 0     # eax if the deadline passes (-ETIMEDOUT for futexes, 0 for sleep)
         self.result = None          # eax to store when the thread next runs (woken from a wait)
+        self.suspend_mask = None    # in sigsuspend/pause: the mask the handler frame restores
 
 
 class Scheduler:
@@ -178,19 +180,23 @@ class Scheduler:
             self._wake(t, None)
             eip = struct.unpack_from("<I", t.ctx, 32)[0]
             struct.pack_into("<I", t.ctx, 32, eip - 2)
-        elif t.state in (FUTEX, SLEEP):
+        elif t.state in (FUTEX, SLEEP, SIGWAIT):
             self._wake(t, -E.EINTR)
+
+    def suspend(self, restore_mask):
+        """rt_sigsuspend/pause with other threads alive: park until a signal this thread takes arrives."""
+        self.current.suspend_mask = restore_mask
+        self.block(SIGWAIT, None, -E.EINTR)
+        raise Stop("switch")
 
     # ---- signals ----------------------------------------------------------------------------------
     def mask_of(self, t):
         return self.m.sig.mask if t is self.current else t.mask
 
     def signal_thread(self, t, sig, info):
-        if t is self.current:
-            self.m.sig.pending.setdefault(sig, info)
-            return
-        t.pending.setdefault(sig, info)
-        if not t.mask & sg.bit(sig):
+        running = t is self.current and t.ctx is None
+        (self.m.sig.pending if running else t.pending).setdefault(sig, info)
+        if not running and not t.mask & sg.bit(sig):
             self.interrupt(t, sig)
 
     def route(self, sig, info):
@@ -198,6 +204,14 @@ class Scheduler:
         order = [self.current] + [t for t in self.threads if t is not self.current]
         target = next((t for t in order if not self.mask_of(t) & sg.bit(sig)), self.current)
         self.signal_thread(target, sig, info)
+
+    def _take_host_signals(self):
+        """While every thread is parked: hand host signals (recorded on the last thread run) to a taker."""
+        pend = self.m.sig.pending
+        for s in [s for s, info in pend.items() if info[0] == sg.SI_USER]:
+            info = pend.pop(s)
+            target = next((t for t in self.threads if not t.mask & sg.bit(s)), self.threads[0])
+            self.signal_thread(target, s, info)
 
     def reroute_host_signals(self):
         """Host signals land on the running thread; move those it blocks to a thread that does not."""
@@ -236,29 +250,39 @@ class Scheduler:
         if cur.state != EXITED and cur.ctx is None:
             self._save(cur)
         while True:
+            self._take_host_signals()
             self._expire()
             nxt = self._next_runnable()
             if nxt is not None:
                 break
             deadlines = [t.deadline for t in self.threads if t.deadline is not None]
-            if not deadlines:
+            if deadlines:
+                time.sleep(min(POLL, max(0, min(deadlines) - time.monotonic_ns()) / 1e9))
+            elif any(t.state == SIGWAIT for t in self.threads):
+                time.sleep(POLL)            # only a host signal can wake the process (as natively)
+            else:
                 raise Stop("deadlock", report=self.deadlock_report())
-            time.sleep(max(0, min(deadlines) - time.monotonic_ns()) / 1e9)
-        if nxt is cur:
-            self._load(cur)
-        else:
-            self.current = None
-            self._load(nxt)
-        if self.m.sig.pending:
-            self.m.deliver_pending()
+        self._load(nxt)
+        self._deliver()
+
+    def _deliver(self):
+        """Signals pending for the thread just switched in; one woken from sigsuspend restores its mask."""
+        t, m = self.current, self.m
+        if t.suspend_mask is not None:
+            mask, t.suspend_mask = t.suspend_mask, None
+            if m.deliverable():
+                m.deliver_pending(saved_mask=mask)
+            else:                               # the signal went away (now ignored): just return
+                m.sig.mask = mask
+        elif m.sig.pending:
+            m.deliver_pending()
 
     def switch_to(self, t):
         if t is None or t is self.current:
             return
         self._save(self.current)
         self._load(t)
-        if self.m.sig.pending:
-            self.m.deliver_pending()
+        self._deliver()
 
     def deadlock_report(self):
         parts = [f"tid {t.tid} on futex 0x{t.futex[0]:08x}" if t.futex else f"tid {t.tid} {t.state}"

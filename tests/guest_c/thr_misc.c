@@ -44,6 +44,20 @@ static void *detached(void *arg)
     return NULL;
 }
 
+static volatile sig_atomic_t got_usr2;
+static pthread_t main_thread;
+
+static void on_usr2(int sig)
+{
+    got_usr2 = sig;
+}
+
+static void *kicker(void *arg)
+{
+    pthread_kill(main_thread, SIGUSR2);
+    return NULL;
+}
+
 static void *forker(void *arg)
 {
     pid_t pid = fork();
@@ -116,5 +130,21 @@ int main(void)
     pthread_create(&t, NULL, forker, NULL);
     pthread_join(t, &ret);
     printf("forked child status %ld\n", (long)ret);
+
+    sigset_t block, old, wait;
+    sigemptyset(&block);
+    sigaddset(&block, SIGUSR2);
+    sigprocmask(SIG_BLOCK, &block, &old);
+    signal(SIGUSR2, on_usr2);
+    main_thread = pthread_self();
+    pthread_create(&t, NULL, kicker, NULL);
+    sigfillset(&wait);
+    sigdelset(&wait, SIGUSR2);
+    r = sigsuspend(&wait);
+    sigset_t now;
+    sigprocmask(SIG_SETMASK, NULL, &now);
+    printf("sigsuspend: %d errno %s got %d, mask restored: %d\n", r, errno == EINTR ? "EINTR" : "other",
+           got_usr2, sigismember(&now, SIGUSR2));
+    pthread_join(t, NULL);
     return 3;
 }
