@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_linux_user import BTVM, ROOT, SRC, _gcc_ok, _run
 
-PROGRAMS = ["thr_sum", "thr_condvar", "thr_tls", "thr_barrier", "thr_misc"]
+PROGRAMS = ["thr_sum", "thr_condvar", "thr_tls", "thr_barrier", "thr_misc", "thr_cancel"]
 DEADLOCK = "thr_deadlock"
 
 pytestmark = pytest.mark.skipif(not _gcc_ok(), reason="gcc -m32 -static cannot link here")
@@ -61,7 +61,7 @@ def test_deadlock_is_reported(thread_results):
     lines = err.decode().strip().splitlines()
     assert rc != 0
     assert len(lines) == 1 and lines[0].startswith("btvm: deadlock:"), err
-    assert "3 guest threads" in lines[0]
+    assert "all 3 guest threads" in lines[0]
     assert out == b""
     assert seconds < 60, seconds        # a few seconds alone; generous for a loaded machine
 

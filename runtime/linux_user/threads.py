@@ -287,5 +287,6 @@ class Scheduler:
     def deadlock_report(self):
         parts = [f"tid {t.tid} on futex 0x{t.futex[0]:08x}" if t.futex else f"tid {t.tid} {t.state}"
                  for t in self.threads]
-        return (f"deadlock: all {len(self.threads)} guest threads are blocked with no timeout "
-                f"({', '.join(parts)})")
+        n = len(self.threads)
+        return (f"deadlock: {'all ' + str(n) + ' guest threads are' if n > 1 else 'the only guest thread is'} "
+                f"blocked with no timeout ({', '.join(parts)})")

@@ -94,6 +94,9 @@ def sys_rt_sigaction(m, sig, act, oact, size):
         set_host_disposition(m, sig, new[0])
         if new[0] == SIG_IGN or new[0] == SIG_DFL and sig in DEFAULT_IGNORE:
             m.sig.pending.pop(sig, None)
+            for t in m.sched.threads:         # the other threads' pending signals too
+                if t.ctx is not None:
+                    t.pending.pop(sig, None)
     return 0
 
 
