@@ -11,14 +11,13 @@ and thread exit. Waits with timeouts are the only place host time decides anythi
 """
 import ctypes
 import errno as E
-import os
 import struct
-import sys
 import time
 
 from bt import state as S
 from ..cpu import Stop
 from .syscalls import signals as sg
+from .syscalls.base import EFault, put_u32
 
 # regs, eip, eflags, seg_base[6], seg_sel[6] are contiguous at the start of the state struct
 CTX_SIZE = S.offset("seg_sel") + 12
@@ -113,7 +112,6 @@ class Scheduler:
         """SYS_exit: only this thread ends (CLONE_CHILD_CLEARTID wakes a joiner); the last one ends the process."""
         t = self.current
         if t.clear_child_tid:
-            from .syscalls.base import put_u32, EFault
             try:
                 put_u32(self.m, t.clear_child_tid, 0)
                 self.futex_wake(t.clear_child_tid, 1, FUTEX_BITSET_ANY)
