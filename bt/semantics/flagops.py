@@ -25,6 +25,7 @@ def nop(e, insn):
 
 sem("pause")(nop)
 sem("endbr32")(nop)   # a hint NOP on CPUs without CET (Debian's glibc starts functions with it)
+sem("rdsspd")(nop)    # also a NOP without CET (the register keeps 0): libgcc's unwinder probes the shadow stack
 
 
 def eflags_value(e):

@@ -19,6 +19,7 @@ from . import elf
 from .syscalls import TABLE, I386_NAMES, EFault, SysError
 from .syscalls import signals as sg
 from .syscalls.memory import MMAP_TOP, MMAP_BOTTOM
+from .threads import Scheduler
 
 SLICE = 1 << 22
 TRAMPOLINE = 0xFFFFE000
@@ -39,6 +40,7 @@ class Machine:
         self.sig = sigstate or sg.SignalState()
         self.reserved_fds = set()
         self.clear_child_tid = 0
+        self.sched = Scheduler(self, os.getpid())
         self._keep = []
         try:
             self.image = elf.load(self.mem, path, self.mark_mapped)
@@ -256,9 +258,10 @@ class Machine:
                         self._trace(name, entry, args, rr.eax)
                     self.deliver_pending()
                     return
-        except Stop:
-            if self.strace:
-                self._trace(name, entry, args, None)
+        except Stop as stop:
+            if self.strace:      # a yield shows its result; a blocking wait's comes when the thread resumes
+                t = self.sched.current
+                self._trace(name, entry, args, t.result if stop.reason == "switch" else None)
             raise
         finally:
             self._keep.clear()
@@ -292,17 +295,22 @@ class Machine:
             r = f"-1 {E.errorcode.get(-ret, '?')} ({os.strerror(-ret)})"
         else:
             r = str(ret) if ret < 0x10000 else f"0x{ret & 0xFFFFFFFF:x}"
-        sys.stderr.write(f"[{os.getpid()}] {name}({', '.join(out)}) = {r}\n")
+        sys.stderr.write(f"[{self.sched.current.tid}] {name}({', '.join(out)}) = {r}\n")
         sys.stderr.flush()
 
     # ---- signals ----------------------------------------------------------------------------------
-    def raise_signal(self, sig, info=None):
+    def raise_signal(self, sig, info=None, thread=None):
+        """Make sig pending: for `thread`, or for the process (a thread that does not block it)."""
         if sig <= 0:
             return
         h = self.sig.action(sig)[0]
         if h == sg.SIG_IGN or h == sg.SIG_DFL and sig in sg.DEFAULT_IGNORE | sg.DEFAULT_STOP:
             return
-        self.sig.pending.setdefault(sig, info or (sg.SI_TKILL, os.getpid(), os.getuid()))
+        info = info or (sg.SI_TKILL, os.getpid(), os.getuid())
+        if thread is not None:
+            self.sched.signal_thread(thread, sig, info)
+        else:
+            self.sched.route(sig, info)
 
     def force_signal(self, sig, info, trap):
         """A synchronous signal from a fault: delivered now, or fatal if blocked/ignored/default."""
@@ -316,7 +324,7 @@ class Machine:
 
     def deliver_pending(self, saved_mask=None):
         for s in sorted(self.sig.pending):
-            if self.sig.mask & sg.bit(s) and saved_mask is None:
+            if self.sig.mask & sg.bit(s):
                 continue
             info = self.sig.pending.pop(s)
             h = self.sig.action(s)[0]
@@ -356,6 +364,11 @@ class Machine:
                 if stop.reason == "max_instructions":
                     if self.sig.pending:
                         self.deliver_pending()
+                    if self.sched.multi:
+                        self.sched.preempt()
+                    continue
+                if stop.reason == "switch":           # the running thread yielded, blocked or exited
+                    self.sched.reschedule()
                     continue
             except Stop as s:
                 stop = s
@@ -412,6 +425,9 @@ def run_program(path, argv, env, strace=False):
             m.close()
             m = Machine(info["path"], info["argv"], info["env"], strace, sigstate)
             continue
+        if stop.reason == "deadlock":
+            sys.stderr.write(f"btvm: {stop.info['report']}\n")
+            return 1
         if stop.reason == "unsupported":
             sys.stderr.write(f"btvm: unsupported instruction at 0x{stop.info.get('eip', 0):08x}: "
                              f"{stop.info.get('message')}\n")

@@ -1,4 +1,6 @@
-"""Process syscalls: exit, ids, fork/clone (fork semantics), execve, wait, kill, TLS, limits."""
+"""Process syscalls: ids, fork (clone of a new process), execve, wait, TLS descriptors, limits.
+
+Thread-related calls (clone of a thread, exit, gettid, kill/tgkill, sched_*) are in thread.py."""
 import ctypes
 import errno as E
 import os
@@ -12,17 +14,7 @@ CLONE_VFORK, CLONE_PARENT, CLONE_THREAD = 0x4000, 0x8000, 0x10000
 CLONE_SETTLS, CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x80000, 0x100000, 0x200000, 0x1000000
 
 
-@syscall("exit", "d")
-def sys_exit(m, status):
-    raise Stop("exit", status=status & 0xFF)
-
-
-@syscall("exit_group", "d")
-def sys_exit_group(m, status):
-    raise Stop("exit", status=status & 0xFF)
-
-
-for _name, _fn in (("getpid", os.getpid), ("getppid", os.getppid), ("gettid", os.getpid),
+for _name, _fn in (("getpid", os.getpid), ("getppid", os.getppid),
                    ("getuid32", os.getuid), ("geteuid32", os.geteuid), ("getgid32", os.getgid),
                    ("getegid32", os.getegid), ("getpgrp", os.getpgrp)):
     syscall(_name, "")((lambda f: lambda m: f())(_fn))
@@ -192,17 +184,6 @@ def sys_get_thread_area(m, uinfo):
     return 0
 
 
-@syscall("set_tid_address", "p")
-def sys_set_tid_address(m, p):
-    m.clear_child_tid = p
-    return os.getpid()
-
-
-@syscall("set_robust_list", "pu")
-def sys_set_robust_list(m, head, n):
-    return 0
-
-
 @syscall("rseq", "puxx")
 def sys_rseq(m, a, b, c, d):
     return -E.ENOSYS      # declined quietly: glibc falls back
@@ -218,17 +199,6 @@ def sys_personality(m, p):
     return 0
 
 
-@syscall("sched_yield", "")
-def sys_sched_yield(m):
-    return host("sched_yield")
-
-
-@syscall("sched_getaffinity", "dup")
-def sys_sched_getaffinity(m, pid, n, buf):
-    r = host("sched_getaffinity", s32(pid), n, ptr(m, buf, n, True))
-    return r
-
-
 @syscall("prctl", "dxxxx")
 def sys_prctl(m, op, a, b, c, d):
     if op in (15, 16):       # PR_SET_NAME / PR_GET_NAME
@@ -238,9 +208,7 @@ def sys_prctl(m, op, a, b, c, d):
 
 # ---- fork / exec / wait ---------------------------------------------------------------------------
 def do_fork(m, flags=0x11, newsp=0, ptid=0, ctid=0):
-    if flags & CLONE_THREAD:
-        m.warn_once("threads", "clone: threads (CLONE_THREAD) are not supported")
-        return -E.ENOSYS
+    """A new process (threads are syscalls/thread.py's clone): the host forks."""
     vfork = bool(flags & CLONE_VFORK)
     if vfork:
         rfd, wfd = os.pipe()          # closed by the child's exec or exit: the parent resumes
@@ -249,6 +217,7 @@ def do_fork(m, flags=0x11, newsp=0, ptid=0, ctid=0):
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
+        m.sched.after_fork(os.getpid())
         if vfork:
             os.close(rfd)
             m.reserved_fds.add(wfd)
@@ -258,8 +227,6 @@ def do_fork(m, flags=0x11, newsp=0, ptid=0, ctid=0):
             put_u32(m, ctid, os.getpid())
         if flags & CLONE_CHILD_CLEARTID:
             m.clear_child_tid = ctid
-        if flags & CLONE_SETTLS:
-            pass
         return 0
     if vfork:
         os.close(wfd)
@@ -281,14 +248,6 @@ def sys_fork(m):
 @syscall("vfork", "")
 def sys_vfork(m):
     return do_fork(m)
-
-
-@syscall("clone", "xpppp")
-def sys_clone(m, flags, newsp, ptid, tls, ctid):
-    if flags & CLONE_VM and not flags & CLONE_VFORK:
-        m.warn_once("threads", "clone: shared-memory clones (threads) are not supported")
-        return -E.ENOSYS
-    return do_fork(m, flags, newsp, ptid, ctid)
 
 
 @syscall("execve", "spp")
@@ -353,31 +312,3 @@ def sys_wait4(m, pid, status, options, rusage):
 @syscall("waitpid", "dpx")
 def sys_waitpid(m, pid, status, options):
     return _wait(m, pid, status, options, 0)
-
-
-@syscall("kill", "dd")
-def sys_kill(m, pid, sig):
-    pid = s32(pid)
-    if sig > 64:
-        return -E.EINVAL
-    if pid == os.getpid():
-        if sig:
-            m.raise_signal(sig)
-        return 0
-    return host("kill", pid, sig)
-
-
-@syscall("tgkill", "ddd")
-def sys_tgkill(m, tgid, tid, sig):
-    if sig > 64:
-        return -E.EINVAL
-    if s32(tid) == os.getpid():
-        if sig:
-            m.raise_signal(sig)
-        return 0
-    return host("tgkill", s32(tgid), s32(tid), sig)
-
-
-@syscall("tkill", "dd")
-def sys_tkill(m, tid, sig):
-    return sys_tgkill(m, os.getpid(), tid, sig)

@@ -94,6 +94,9 @@ def sys_rt_sigaction(m, sig, act, oact, size):
         set_host_disposition(m, sig, new[0])
         if new[0] == SIG_IGN or new[0] == SIG_DFL and sig in DEFAULT_IGNORE:
             m.sig.pending.pop(sig, None)
+            for t in m.sched.threads:         # the other threads' pending signals too
+                if t.ctx is not None:
+                    t.pending.pop(sig, None)
     return 0
 
 
@@ -149,22 +152,29 @@ def sys_rt_sigpending(m, p, size):
     return 0
 
 
+def _suspend(m, restore_mask):
+    """Wait for a deliverable signal; its handler frame restores restore_mask, and the call returns -EINTR
+    (stored in eax before the frame is built, so the handler's sigreturn brings it back)."""
+    m.cpu.set_reg("eax", -E.EINTR)
+    if m.sched.multi and not m.deliverable():
+        m.sched.suspend(restore_mask)         # other threads run until a signal wakes this one
+    while not m.deliverable():
+        hostsig.pause()
+    m.deliver_pending(saved_mask=restore_mask)
+    raise _Return(-E.EINTR)
+
+
 @syscall("rt_sigsuspend", "pu")
 def sys_rt_sigsuspend(m, p, size):
     new = int.from_bytes(get(m, p, 8), "little")
     old = m.sig.mask
     m.sig.mask = new & ~UNBLOCKABLE
-    while not m.deliverable():
-        hostsig.pause() if hasattr(hostsig, "pause") else None
-    m.deliver_pending(saved_mask=old)
-    return -E.EINTR
+    _suspend(m, old)
 
 
 @syscall("pause", "")
 def sys_pause(m):
-    while not m.deliverable():
-        hostsig.pause()
-    return -E.EINTR
+    _suspend(m, m.sig.mask)
 
 
 @syscall("sigaltstack", "pp")

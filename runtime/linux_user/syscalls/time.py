@@ -1,6 +1,10 @@
 """Time syscalls (32-bit and 64-bit time_t variants)."""
 import ctypes
+import errno
 import struct
+import time
+
+from ...cpu import Stop
 
 from .base import syscall, host, ptr, optr, get, put, addr_of, s32
 
@@ -60,11 +64,28 @@ def sys_time(m, tp):
     return t[0] & 0xFFFFFFFF
 
 
+TIMER_ABSTIME = 1
+
+
+def _sleep_thread(m, clk, flags, sec, nsec):
+    """With other guest threads alive a sleep parks only this one (rem is not written on EINTR)."""
+    if sec < 0 or not 0 <= nsec < 1_000_000_000:
+        return -errno.EINVAL
+    ns = sec * 1_000_000_000 + nsec
+    now = time.monotonic_ns()
+    if flags & TIMER_ABSTIME:
+        ns -= time.clock_gettime_ns(clk)
+    m.sched.block("sleep", now + max(ns, 0), 0)
+    raise Stop("switch")
+
+
 def _sleep(m, clk, flags, req, rem, wide):
     if wide:
         sec, nsec = struct.unpack("<qq", get(m, req, 16))
     else:
         sec, nsec = struct.unpack("<ii", get(m, req, 8))
+    if m.sched.multi and clk in (0, 1, 7):      # REALTIME, MONOTONIC, BOOTTIME
+        return _sleep_thread(m, clk, flags, sec, nsec)
     ts = (ctypes.c_int64 * 2)(sec, nsec)
     left = _ts_host()
     r = host("clock_nanosleep", clk, flags, addr_of(ts), addr_of(left))
