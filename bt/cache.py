@@ -84,6 +84,7 @@ class CodeCache:
         self.disk = shared_disk(self.jit) if disk is None else (disk or None)
         self.optimizer = tier2.shared_optimizer() if optimizer is None else (optimizer or None)
         self.hot_threshold = tier2.THRESHOLD if self.optimizer is not None else 0
+        self.tier2_done = deque()             # optimized regions waiting to be installed (poll_tier2)
         self.batch = batch
         self.batch_insns = batch_insns
         self.max_blocks = max_blocks
@@ -466,10 +467,8 @@ class CodeCache:
 
     def poll_tier2(self):
         """Install every region the optimizer has finished (call between native runs)."""
-        opt = self.optimizer
-        while opt is not None and opt.done:
-            job = opt.done.popleft()
-            job.owner._install_region(job)
+        while self.tier2_done:
+            self._install_region(self.tier2_done.popleft())
 
     def _install_region(self, job):
         for t in job.old:

@@ -50,11 +50,10 @@ class Optimizer:
                                                features=llvm.get_host_cpu_features().flatten(),
                                                opt=OPT, jit=True)
         self.sync = sync
-        self.done = deque()          # finished jobs; appended by the worker, drained by the code cache
         self._todo = deque()
         self._wake = threading.Condition()
         self._thread = None
-        self.inflight = 0            # submitted and not yet in done
+        self.inflight = 0            # submitted and not yet in its owner's queue
 
     def submit(self, job):
         if self.sync:
@@ -91,10 +90,13 @@ class Optimizer:
         except Exception as exc:          # a bug of ours: the region just stays at tier 1
             job.error = exc
         job.seconds = time.perf_counter() - t0
-        self.done.append(job)
+        # Into the owner's own queue: a job must never be installed by another machine (whose
+        # guest memory may be gone by then).
+        job.owner.tier2_done.append(job)
 
     def wait_idle(self, timeout=60.0):
         """Block until every submitted job is finished (tests, benchmarks)."""
+        # (inflight drops after the job is in its owner's queue)
         end = time.monotonic() + timeout
         while self.inflight and time.monotonic() < end:
             time.sleep(0.005)

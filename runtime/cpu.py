@@ -289,7 +289,7 @@ class CPU:
             budget = SLICE if remaining is None else min(SLICE, remaining)
             st.budget = budget
             st.tsc_base = (self.icount + self.extra_ns + self.tsc_offset + budget) & 0xFFFFFFFFFFFFFFFF
-            if self.cache.optimizer is not None and self.cache.optimizer.done:
+            if self.cache.tier2_done:
                 self.cache.poll_tier2()
             try:
                 rc = self._enter(self.st_addr)
