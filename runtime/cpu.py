@@ -278,8 +278,12 @@ class CPU:
         blk = decode_block(lambda a, n: data[a - eip:a - eip + n], eip, self.key | S.KEY_STEP, ends_block)
         return not blk.insns
 
-    def run(self, max_instructions=None):
-        """Run until a handler raises Stop or max_instructions have executed; returns the Stop."""
+    def run(self, max_instructions=None, exact=True):
+        """Run until a handler raises Stop or max_instructions have executed; returns the Stop.
+
+        exact=False lets the run stop up to one block short of max_instructions once it has made
+        progress, instead of finishing one instruction at a time: a machine's time slice
+        needs no exact end, and single-step translations at arbitrary places cost compiles."""
         st = self.st
         remaining = max_instructions
         stepping = False
@@ -303,6 +307,8 @@ class CPU:
                 if rc == S.EXIT_LOOKUP:
                     self._miss()
                 elif rc == S.EXIT_BUDGET:
+                    if remaining is not None and 0 < remaining < max_instructions and done == 0 and not exact:
+                        return Stop("max_instructions")
                     if remaining is not None and 0 < remaining and done == 0 and not stepping:
                         # The next block is longer than what is left: finish one instruction at a time.
                         stepping = True

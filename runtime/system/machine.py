@@ -144,7 +144,9 @@ class Machine:
                 budget = SLICE
                 if cpu.interrupt_shadow:
                     budget = 1
-                stop = cpu.run(budget)
+                # The slice may end a block early (exact=False); the interrupt shadow's one
+                # instruction must be exact.
+                stop = cpu.run(budget, exact=budget == 1)
                 if budget == 1:
                     cpu.interrupt_shadow = False
                 if stop.reason == "max_instructions":
