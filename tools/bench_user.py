@@ -5,13 +5,15 @@ Workloads (sizes scale with --scale):
   loop     busybox sh -c 'i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; echo $i'
   sha256   busybox sha256sum FILE            (FILE: 16 MiB of fixed, partly compressible bytes)
   gzip     busybox gzip -c FILE > /dev/null
+  cprog    tools/bench_prog.c built with gcc -m32 -O2 -static: a bytecode interpreter (Collatz
+           search) and an LZ77 compressor over 4 MiB; output compared with the native run
 
 Every engine runs each workload once untimed (page cache, and for btvm the cold measurement), then
 --repeat times timed; the table shows median wall-clock seconds. btvm's first run uses an empty
 persistent translation cache (BTVM_CACHE_DIR = a fresh temporary folder per workload) and is reported as "btvm
 cold"; the timed runs reuse that folder ("btvm warm": start-up code and hot loops come from the disk
 cache, nothing is compiled). Ratios are btvm warm / qemu-i386 and btvm warm / native (higher =
-slower). Outputs are checked (loop count, sha256 digest, gzip exit status) on every run.
+slower). Outputs are checked (loop count, sha256 digest, gzip exit status, cprog's output) on every run.
 
 qemu-i386 is Debian's qemu-user (`apt-get install qemu-user`); without it the column is skipped.
 busybox comes from tools/fetch_guests.sh (default: $BTVM_GUESTS or ~/.cache/btvm/guests).
@@ -30,7 +32,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ("loop", "sha256", "gzip")
+WORKLOADS = ("loop", "sha256", "gzip", "cprog")
 LOOP_N = 200000
 FILE_MB = 16
 TIMEOUT = 3600
@@ -59,14 +61,29 @@ def make_file(path, size):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def workloads(bb, data, digest, scale):
+def build_prog(tmp):
+    """tools/bench_prog.c built with gcc -m32 -O2 -static, and its native output (the reference)."""
+    exe = os.path.join(tmp, "bench_prog")
+    src = os.path.join(ROOT, "tools", "bench_prog.c")
+    p = subprocess.run(["gcc", "-m32", "-O2", "-static", "-o", exe, src], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"bench_user: cannot build {src} (gcc -m32 needs gcc-multilib): {p.stderr[-300:]}")
+    return exe
+
+
+def workloads(bb, data, digest, scale, prog=None):
     n = max(1, int(LOOP_N * scale))
     loop = f"i=0; while [ $i -lt {n} ]; do i=$((i+1)); done; echo $i"
-    return {
+    out = {
         "loop": ([bb, "sh", "-c", loop], lambda out: out.strip() == str(n).encode()),
         "sha256": ([bb, "sha256sum", data], lambda out: out.split()[:1] == [digest.encode()]),
         "gzip": ([bb, "gzip", "-c", data], None),      # stdout to /dev/null: checked by exit status only
     }
+    if prog is not None:
+        argv = [prog, str(max(1, int(100 * scale)))]
+        ref = subprocess.run(argv, capture_output=True, check=True).stdout
+        out["cprog"] = (argv, lambda out: out == ref)
+    return out
 
 
 def timed(prefix, argv, check, env=None):
@@ -125,7 +142,7 @@ def main(argv=None):
         data = os.path.join(tmp, "data.bin")
         size = max(1, int(FILE_MB * 2**20 * args.scale))
         digest = make_file(data, size)
-        wl = workloads(bb, data, digest, args.scale)
+        wl = workloads(bb, data, digest, args.scale, build_prog(tmp) if "cprog" in names else None)
 
         res = {}
         for name in names:
@@ -158,7 +175,7 @@ def main(argv=None):
            ["btvm warm"] + (["btvm/qemu-i386"] if args.qemu else []) + ["btvm/native"]
     n = max(1, int(LOOP_N * args.scale))
     label = {"loop": f"sh loop {n}", "sha256": f"sha256sum {size / 2**20:g}MiB",
-             "gzip": f"gzip -c {size / 2**20:g}MiB"}
+             "gzip": f"gzip -c {size / 2**20:g}MiB", "cprog": "bench_prog.c -O2"}
     w0 = max(len(label[x]) for x in names) + 2
     print(f"\nmedian wall seconds over {args.repeat} run(s); ratios use btvm warm (x = times slower)")
     print("workload".ljust(w0) + "".join(c.rjust(max(11, len(c) + 2)) for c in cols))
