@@ -13,7 +13,7 @@ import struct
 from bt import state as S
 from runtime.cpu import CPU, GuestFault, Stop
 
-from .descriptors import Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
+from .descriptors import FULL, Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
 from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR0_EM, CR0_TS, CR0_MP, CR4_PSE, CR4_PGE, CR4_TSD
 
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_, GP, PF, MF, AC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17
@@ -270,9 +270,12 @@ class SystemCPU(CPU):
     def update_key(self):
         cpl = self.segs[S.CS].selector & 3 if self.cr0 & CR0_PE else 0
         cpl = self._cpl_override if getattr(self, "_cpl_override", None) is not None else cpl
-        flat = all(self.segs[i].base == 0 for i in (S.ES, S.CS, S.SS, S.DS))
+        # FLAT: translated code neither adds ES/CS/SS/DS bases nor checks ES/SS/DS (Emitter.seg_check).
+        flat = self.segs[S.CS].base == 0 and all(
+            self.segs[i].base == 0 and self.segs[i].ranges() == (FULL, FULL) for i in (S.ES, S.SS, S.DS))
         key = S.make_key(cs32=self.segs[S.CS].db, pe=bool(self.cr0 & CR0_PE), pg=bool(self.cr0 & CR0_PG),
-                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3)
+                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3,
+                         fs_full=self.segs[S.FS].ranges() == (FULL, FULL))
         key |= self.key & S.KEY_STEP
         key |= (S.KEY_FPU_EM if self.cr0 & CR0_EM else 0) | (S.KEY_FPU_TS if self.cr0 & CR0_TS else 0) \
             | (S.KEY_FPU_MP if self.cr0 & CR0_MP else 0)
@@ -285,9 +288,11 @@ class SystemCPU(CPU):
         return S.key_cpl(self.key)
 
     def sync_segments(self):
+        st = self.st
         for i, seg in enumerate(self.segs):
-            self.st.seg_base[i] = seg.base
-            self.st.seg_sel[i] = seg.selector
+            st.seg_base[i] = seg.base
+            st.seg_sel[i] = seg.selector
+            (st.seg_lo[i], st.seg_hi[i]), (st.seg_lo[6 + i], st.seg_hi[6 + i]) = seg.ranges()
         self.update_key()
 
     # ---- descriptors ------------------------------------------------------------------------------
@@ -308,7 +313,7 @@ class SystemCPU(CPU):
         if selector & ~3 == 0:
             if reg == S.SS:
                 raise GuestFault(GP, 0)
-            self.segs[reg] = Segment(selector, 0, 0, 0, True, 0, False)
+            self.segs[reg] = Segment.null(selector)
             self.sync_segments()
             return
         lo, hi, addr = self.descriptor(selector)
@@ -328,6 +333,14 @@ class SystemCPU(CPU):
         self._set_accessed(addr, hi)
         self.segs[reg] = seg
         self.sync_segments()
+
+    def seg_linear(self, seg, off, size, write=False):
+        """The linear address of a size-byte access at offset off through segment register seg,
+        checked as translated code checks it (bt/emit.py Emitter.seg_check): #GP(0), #SS(0) for SS."""
+        lo, hi = self.segs[seg].ranges()[1 if write else 0]
+        if off < lo or off + size - 1 > hi:
+            raise GuestFault(SS_ if seg == S.SS else GP, 0)
+        return (self.segs[seg].base + off) & 0xFFFFFFFF
 
     def _set_accessed(self, addr, hi):
         if not hi & 0x100:
@@ -463,16 +476,21 @@ class SystemCPU(CPU):
             self.set_eflags(new_fl)
             self.load_segment(S.SS, new_ss)
             self.set_reg("esp", new_esp)
-            for r in (S.ES, S.DS, S.FS, S.GS):
-                s = self.segs[r]
-                if s.selector & ~3 and (not s.is_code or not s.conforming) and s.dpl < rpl:
-                    self.segs[r] = Segment(0, 0, 0, 0, True, 0, False)
-            self.sync_segments()
+            self.null_outer_data_segments(rpl)
         else:
             self.set_reg("esp", esp + 12)
             self.set_cs(seg, rpl)
             self.set_eflags(new_fl)
         self.set_reg("eip", eip)
+
+    def null_outer_data_segments(self, cpl):
+        """After a return to an outer ring (IRET, RETF): data segments (and non-conforming code)
+        the new CPL may not use are loaded with the null selector (SDM RET/IRET)."""
+        for r in (S.ES, S.DS, S.FS, S.GS):
+            s = self.segs[r]
+            if s.selector & ~3 and not s.conforming and s.dpl < cpl:
+                self.segs[r] = Segment.null()
+        self.sync_segments()
 
     def load_tr(self, selector):
         lo, hi, addr = self.descriptor(selector)
