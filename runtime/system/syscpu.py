@@ -14,6 +14,7 @@ from bt import state as S
 from runtime.cpu import CPU, GuestFault, Stop
 
 from .descriptors import FULL, Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
+from .tlb import TLBShadow
 from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR0_EM, CR0_TS, CR0_MP, CR4_PSE, CR4_PGE, CR4_TSD
 
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_, GP, PF, MF, AC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17
@@ -45,6 +46,7 @@ class SystemCPU(CPU):
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
         self.block_phys = {}    # (eip, key) -> physical page the block was translated from
+        self.tlb_shadow = TLBShadow()
         super().__init__(mem, S.make_key(cpl=0))
         self.cache.on_install = self._on_install
         self.sync_segments()
@@ -126,7 +128,7 @@ class SystemCPU(CPU):
             if (addr & 0xFFF) + size <= 0x1000:
                 data = self.read_phys(first[0], size)
                 if first[0] < self.ram_size:
-                    self._fill(addr, first[0], S.TLB_READ)
+                    self._fill(addr, first[0], S.TLB_READ, first[1])
             else:
                 split = 0x1000 - (addr & 0xFFF)
                 data = self.read_phys(first[0], split) + self.read_phys(last[0] - (size - 1 - split), size - split)
@@ -150,7 +152,7 @@ class SystemCPU(CPU):
                 self.write_phys(first[0], data)
                 self._phys_written(first[0], size)
                 if first[0] < self.ram_size and (first[0] & ~0xFFF) not in self.code_phys and first[2]:
-                    self._fill(addr, first[0], S.TLB_WRITE)
+                    self._fill(addr, first[0], S.TLB_WRITE, first[1])
             else:
                 split = 0x1000 - (addr & 0xFFF)
                 p2 = last[0] - (size - 1 - split)
@@ -162,10 +164,24 @@ class SystemCPU(CPU):
             self._pending_error = exc
             self.st.fault = 1
 
-    def _fill(self, lin, phys, kind):
-        ent = self.st.tlb[S.tlb_index(1 if self.cpl == 3 else 0, kind) + ((lin >> 12) & (S.TLB_SIZE - 1))]
+    def _fill(self, lin, phys, kind, is_global):
+        i = S.tlb_index(1 if self.cpl == 3 else 0, kind) + ((lin >> 12) & (S.TLB_SIZE - 1))
+        ent = self.st.tlb[i]
         ent.tag = lin & 0xFFFFF000
         ent.addend = (self.mem.base + (phys & 0xFFFFF000) - (lin & 0xFFFFF000)) & 0xFFFFFFFFFFFFFFFF
+        self.tlb_shadow.filled(i, ent.tag, ent.addend, phys & ~0xFFF, is_global, kind)
+
+    def tlb_flush(self, keep_global=False):
+        """Empty the soft TLB; keep_global (a CR3 write with CR4.PGE) puts global entries back."""
+        super().tlb_flush()
+        if keep_global:
+            self.tlb_shadow.restore_globals(self.st.tlb)
+        else:
+            self.tlb_shadow.clear()
+
+    def tlb_flush_page(self, page):
+        super().tlb_flush_page(page)
+        self.tlb_shadow.drop_page(page)
 
     def _fetch(self, addr, n):
         out = bytearray()
@@ -197,6 +213,7 @@ class SystemCPU(CPU):
             return
         self.code_phys.setdefault(phys, set()).add(lin_page)
         self.tlb_flush_page(lin_page)
+        self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
 
     # ---- control registers and mode ---------------------------------------------------------------
     def flush_translations(self):
@@ -212,12 +229,12 @@ class SystemCPU(CPU):
         changed = (self.cr0 ^ v) & (CR0_PG | CR0_WP | CR0_PE)
         self.cr0 = v & 0xE005003F
         if changed:
-            self.switch_address_space(everything=True)
+            self.switch_address_space()
         self.update_key()
 
     def set_cr3(self, v):
         self.cr3 = v & 0xFFFFF018
-        self.switch_address_space()
+        self.switch_address_space(keep_global=bool(self.cr4 & CR4_PGE))
 
     def _on_install(self, tb):
         """Remember the physical page a block came from (checked again at every lookup)."""
@@ -227,12 +244,12 @@ class SystemCPU(CPU):
             return
         self.block_phys[(tb.eip, tb.key)] = phys & ~0xFFF
 
-    def switch_address_space(self, everything=False):
+    def switch_address_space(self, keep_global=False):
         """A new linear->physical mapping.  Translated blocks are kept: a block is re-checked
         against the physical page it came from whenever it is looked up, chains never cross a
         page when paging is on (bt/emit.py), and the native jump cache - the only other way
-        into a block - is cleared here.  `everything` is kept for callers that changed CR0/CR4."""
-        self.tlb_flush()
+        into a block - is cleared here.  The TLB keeps global entries on a CR3 write (keep_global)."""
+        self.tlb_flush(keep_global)
         cache = self.cache
         ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
         cache.forget_instructions()
@@ -256,8 +273,8 @@ class SystemCPU(CPU):
         changed = (self.cr4 ^ v) & (CR4_PSE | CR4_PGE)
         self.cr4 = v
         if changed:
-            # Linux flushes global TLB entries by toggling PGE: global mappings may have changed.
-            self.switch_address_space(everything=True)
+            # Toggling PGE flushes global entries too (Linux's way to flush them, SDM 4.10.4.1).
+            self.switch_address_space()
 
     @property
     def eflags(self):
