@@ -31,6 +31,16 @@ class V:
         return f"{self.t} {self.s}"
 
 
+class Lin(V):
+    """A linear address that remembers its segment and offset (an i32 V or Lazy), so that the
+    access made through it can be checked against the segment (Emitter.seg_check)."""
+    __slots__ = ("seg", "off")
+
+    def __init__(self, v, seg, off):
+        super().__init__(v.s, v.t)
+        self.seg, self.off = seg, off
+
+
 class Lazy:
     """A value computed only when first read (a thunk): `fn()` emits its IR at the point of use.
 
@@ -103,6 +113,7 @@ def const(value, t):
     return V(str(value), t)
 
 
+_SS, _GP = 12, 13
 _FLAG_ORDER = tuple(S.FLAG_BIT.items())
 _ALL_FLAGS_MASK = S.STATUS_MASK | (1 << S.DF)
 
@@ -523,8 +534,34 @@ class Emitter:
         return self.zext(a, "i32")
 
     def linear(self, seg, off):
+        """The linear address of offset off (i32) in segment seg: every guest data access goes
+        through one (load, store and probe_write check it against the segment)."""
+        off = self.f(off)
         base = self.seg_base(seg)
-        return off if base is None else self.add(off, base)
+        return Lin(off if base is None else self.add(off, base), seg, off)
+
+    def lin_add(self, addr, delta):
+        """addr + delta (i32 V or int) as a Lin in the same segment: the offset moves with it."""
+        delta = self.c(delta) if isinstance(delta, int) else self.f(delta)
+        off = addr.off
+        return Lin(self.add(addr, delta), addr.seg, Lazy(lambda: self.add(off, delta), "i32"))
+
+    def seg_check(self, addr, size, write):
+        """#GP(0) (#SS(0) through SS) unless the size-byte access at addr's offset lies in the
+        segment's valid range for its kind (CPUState.seg_lo/seg_hi: limit, expand-down, type and
+        null selector in one compare).  Skipped where the key says the range is all of 4 GiB:
+        ES/SS/DS with KEY_FLAT, FS with KEY_FS_FULL; CS overrides and GS are always checked."""
+        assert type(addr) is Lin, "guest memory is accessed through a segment (Emitter.linear)"
+        seg = addr.seg
+        if (seg in (S.ES, S.SS, S.DS) and self.key & S.KEY_FLAT) or (seg == S.FS and self.key & S.KEY_FS_FULL):
+            return
+        i = seg + (6 if write else 0)
+        lo = self.load_field(offset("seg_lo") + 4 * i, "i32")
+        hi = self.load_field(offset("seg_hi") + 4 * i, "i32")
+        off = self.f(addr.off)
+        end = self.add(self.zext(off, "i64"), const(size - 1, "i64"))
+        bad = self.or_(self.icmp("ult", off, lo), self.icmp("ugt", end, self.zext(hi, "i64")))
+        self.raise_if(bad, _SS if seg == S.SS else _GP, 0)
 
     def mem_addr(self, m):
         return self.linear(m.seg, self.ea(m))
@@ -558,6 +595,7 @@ class Emitter:
         t = ITY[size]
         addr = self.f(addr)
         self._prepare_fault_exit()
+        self.seg_check(addr, size, False)
         hit, ent = self._tlb_probe(addr, size, S.TLB_READ)
         fast, slow, join = self.new_label("ld"), self.new_label("lds"), self.new_label("ldj")
         self.cbr(hit, fast, slow)
@@ -581,6 +619,7 @@ class Emitter:
         addr, v = self.f(addr), self.f(v)
         self._prepare_fault_exit()
         size = bits_of(v.t) // 8
+        self.seg_check(addr, size, True)
         hit, ent = self._tlb_probe(addr, size, S.TLB_WRITE)
         fast, slow, join = self.new_label("st"), self.new_label("sts"), self.new_label("stj")
         self.cbr(hit, fast, slow)
@@ -603,6 +642,7 @@ class Emitter:
         store cannot land when a later one faults."""
         addr = self.f(addr)
         self._prepare_fault_exit()
+        self.seg_check(addr, size, True)
         hit, _ = self._tlb_probe(addr, size, S.TLB_WRITE)
         slow, join = self.new_label("pw"), self.new_label("pwj")
         self.cbr(hit, join, slow)

@@ -101,11 +101,19 @@ class CPUState(ctypes.Structure):
         ("fpu_eflags", ctypes.c_uint8),            # scratch: SF ZF AF PF CF in/out (FCMOVcc, FCOMI)
         ("_fpu_pad", ctypes.c_uint8 * 5),
         ("tsc_base", ctypes.c_uint64),             # TSC = tsc_base - budget (set per slice by the runtime)
+        # ---- segment checks (Emitter.seg_check) ----
+        # Per access kind (read: [seg], write: [6 + seg]) the valid offsets [lo, hi] of a segment
+        # register, from its descriptor cache: the limit, expand-down, the type (a write range is
+        # empty for read-only data and code) and a null selector (both empty) folded into one range.
+        ("seg_lo", ctypes.c_uint32 * 12),
+        ("seg_hi", ctypes.c_uint32 * 12),
     ]
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         fpu_reset(self)
+        for i in range(12):                        # no descriptors (user mode, snippets): 4 GiB
+            self.seg_lo[i], self.seg_hi[i] = 0, 0xFFFFFFFF
 
 
 def offset(name):
@@ -117,18 +125,23 @@ KEY_CS32 = 1 << 0        # CS.D: default operand/address size 32
 KEY_PE = 1 << 1
 KEY_PG = 1 << 2
 KEY_CPL_SHIFT = 3        # 2 bits
-KEY_FLAT = 1 << 5        # ES/CS/SS/DS bases are 0: skip adding them
+KEY_FLAT = 1 << 5        # ES/CS/SS/DS bases are 0, and ES/SS/DS 4 GiB writable: no base, no checks
 KEY_STEP = 1 << 6        # one instruction per block (exact budgets, single-stepping)
 KEY_IOPL_SHIFT = 7       # 2 bits: POPF/CLI/STI semantics depend on IOPL vs CPL
 KEY_FPU_EM = 1 << 9      # CR0.EM: x87 instructions raise #NM
 KEY_FPU_TS = 1 << 10     # CR0.TS: x87 instructions raise #NM (WAIT only with CR0.MP)
 KEY_FPU_MP = 1 << 11     # CR0.MP
+KEY_FS_FULL = 1 << 12    # FS is usable, 4 GiB, writable (Linux's per-cpu segment): FS accesses unchecked
 
 
-def make_key(cs32=True, pe=True, pg=False, cpl=0, flat=True, step=False, iopl=0):
+def make_key(cs32=True, pe=True, pg=False, cpl=0, flat=True, step=False, iopl=0, fs_full=True):
     return ((KEY_CS32 if cs32 else 0) | (KEY_PE if pe else 0) | (KEY_PG if pg else 0)
             | (cpl << KEY_CPL_SHIFT) | (KEY_FLAT if flat else 0) | (KEY_STEP if step else 0)
-            | (iopl << KEY_IOPL_SHIFT))
+            | (iopl << KEY_IOPL_SHIFT) | (KEY_FS_FULL if fs_full else 0))
+
+
+SEG_EMPTY = (0xFFFFFFFF, 0)   # a (lo, hi) range no access fits in (lo > hi)
+SEG_FULL = (0, 0xFFFFFFFF)
 
 
 def key_cpl(key):

@@ -81,8 +81,7 @@ def _cmd_run(args):
 
 def _cmd_boot(args):
     from runtime.boot.linux import is_bzimage
-    from runtime.boot.multiboot import BootError, find_header
-    from runtime.system.machine import Machine
+    from runtime.boot.multiboot import find_header
     if args.kernel is None:
         from runtime.boot.demo import image
         kernel = image()
@@ -118,6 +117,24 @@ def _cmd_boot(args):
             print(f"btvm boot: -rtc {args.rtc}: expected base=YYYY-MM-DDTHH:MM:SS (UTC)", file=sys.stderr)
             return 1
         rtc_base = calendar.timegm(when.timetuple())
+    while True:
+        result = _boot_once(args, kernel, initrd, rtc_base)
+        if result is None:
+            return 1
+        if not result.reset or not args.reboot:
+            break
+        # -reboot: a triple fault or a reset request resets the PC and boots the same kernel again.
+        print(f"{result.message}; resetting (-reboot)", file=sys.stderr)
+    if result.message:
+        print(result.message + ("; the VM stops" if result.reset and result.status else ""), file=sys.stderr)
+    return result.status
+
+
+def _boot_once(args, kernel, initrd, rtc_base):
+    """One power-on of a fresh machine until it exits; None if the kernel cannot be loaded."""
+    from runtime.boot.linux import is_bzimage
+    from runtime.boot.multiboot import BootError
+    from runtime.system.machine import Machine
     m = Machine(ram_mb=args.m, icount=args.clock == "icount", rtc_base=rtc_base)
     try:
         if is_bzimage(kernel):
@@ -128,15 +145,12 @@ def _cmd_boot(args):
             m.load_multiboot(kernel, args.append or "")
         from runtime.system.console import Console
         with Console(m.pc.uart, None if args.no_stdin else sys.stdin) as console:
-            result = m.run(console=console, status_every=args.status)
+            return m.run(console=console, status_every=args.status)
     except BootError as exc:
         print(f"btvm boot: {exc}", file=sys.stderr)
-        return 1
+        return None
     finally:
         m.close()
-    if result.message:
-        print(result.message, file=sys.stderr)
-    return result.status
 
 
 def _cmd_profile(args):
@@ -171,6 +185,13 @@ def build_parser():
                     help="print a status line (guest MIPS, blocks compiled) on stderr every SECONDS")
     bo.add_argument("-no-stdin", dest="no_stdin", action="store_true",
                     help="do not connect stdin to the serial console")
+    bo.add_argument("-reboot", dest="reboot", action="store_true",
+                    help="reset the machine and boot the kernel again on a triple fault or a guest reset "
+                         "request (QEMU's default); by default btvm exits instead: status 1 with a one-line "
+                         "report for a triple fault, 0 for a reset request (a guest that triple-faults at "
+                         "every boot would otherwise never end)")
+    bo.add_argument("-no-reboot", dest="reboot", action="store_false",
+                    help="exit on a triple fault or a reset request (the default; accepted as in QEMU)")
     bo.set_defaults(fn=_cmd_boot)
     rn = sub.add_parser("run", help="run a static i386 Linux program (user mode)",
                         usage="btvm run [--strace] [--clean-env] [-E VAR=VALUE]... [--] PROGRAM [ARGS...]")

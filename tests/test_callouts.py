@@ -460,7 +460,9 @@ def test_iret_same_ring_restores_flags():
 
 
 def test_iret_to_ring3_switches_stack_and_nulls_ring0_data_segments():
-    body = "    mov eax, ds\n" + store(0) + "    mov eax, ss\n" + store(1) + "    mov eax, cs\n" + store(2) \
+    # DS is null now: read it, then reload it before storing (an access through it is #GP(0)).
+    body = "    mov ecx, ds\n    mov ax, 0x23\n    mov ds, ax\n    mov es, ax\n" + store(0, "ecx") \
+        + "    mov eax, ss\n" + store(1) + "    mov eax, cs\n" + store(2) \
         + "    mov eax, esp\n" + store(3) + "    mov eax, fs\n" + store(4)
     res, r, out = run("    mov ax, 0x23\n    mov fs, ax\n" + to_ring3(body, reload=False), prelude=False)
     completed(res, r, True)
@@ -536,7 +538,8 @@ def test_segment_register_moves_in_ring0():
             + "    .byte 0x1e\n    pop eax\n" + store(2)               # push ds (32-bit)
             + "    push 0x0c\n    .byte 0x07\n    mov eax, es:[0]\n" + store(3)   # pop es: the LDT segment
             + "    mov ax, 0x10\n    mov es, ax\n"
-            + "    xor eax, eax\n    mov ds, ax\n    mov eax, 0x10\n    mov eax, ds\n" + store(4, "eax")
+            + "    xor eax, eax\n    mov ds, ax\n    mov eax, 0x10\n    mov eax, ds\n"
+            + f"    mov dword ptr es:[{OUT + 16:#x}], eax\n"                 # not through the null DS
             + "    mov ax, 0x10\n    mov ds, ax\n"
             + "    mov dword ptr [0x300180], 0x1234\n    mov word ptr [0x300184], 0x0c\n    lfs ebx, fword ptr [0x300180]\n"
             + store(5, "ebx") + "    mov eax, fs:[0]\n" + store(6)
@@ -585,9 +588,7 @@ def test_segment_loads_in_ring3():
     assert out[:5] == [0x1D7D1D7D, 0x0C0FFEE0, 0x5B, 0, 0x23]
 
 
-@pytest.mark.xfail(strict=True, reason="btvm bug outside callouts.py: translated code does not check the "
-                   "null selector (or limits) of DS/ES/FS/GS on memory accesses (bt/emit.py, README 'Not yet: "
-                   "segment limit checks in translated code'); SDM 5.4.1: #GP(0)")
+# SDM 5.4.1: #GP(0); limits and types: tests/test_segment_checks.py
 @pytest.mark.parametrize("seg", ["ds", "fs"])
 def test_memory_access_through_a_null_selector_is_gp(seg):
     res, r, _ = run(f"    xor eax, eax\n    mov {seg}, ax\n    mov eax, {seg}:[0x300180]\n", prelude=False)
@@ -662,8 +663,9 @@ def test_far_call_in_ring3():
 
 def test_retf_to_ring3_switches_stack_and_nulls_ring0_data_segments():
     body = ("    push 0x23\n    push 0x307000\n    push 0x1b\n    mov eax, rf3_to\n    push eax\n    retf\nrf3_to:\n"
+            + "    mov ecx, ds\n    mov ax, 0x23\n    mov ds, ax\n    mov es, ax\n"    # DS null: reload first
             + "    mov eax, cs\n" + store(0) + "    mov eax, ss\n" + store(1) + "    mov eax, esp\n" + store(2)
-            + "    mov eax, ds\n" + store(3) + "    mov ax, 0x23\n    mov ds, ax\n    mov es, ax\n"
+            + store(3, "ecx")
             + "    mov dword ptr [results + 20], 0x600d\n    int 0x80\n")
     res, r, out = run(body, prelude=False)
     assert r["vector"] == 0x80 and r["cs"] == 0x1B and r["marker"] == GOOD, (res.message, r)

@@ -2,8 +2,9 @@
 paging faults, interrupts and the machine's exits.
 
 Each test assembles a small Multiboot kernel from a template: flat ring-0 and ring-3
-segments, a TSS, an IDT whose handlers record (vector, error code, CR2, saved EIP, saved CS)
-into a results area and stop the CPU, then a ring-0 body and (optionally) a ring-3 body.
+segments, a TSS, an IDT whose handlers reload DS (a body may fault with a null or small DS),
+then record (vector, error code, CR2, saved EIP, saved CS) into a results area and stop the
+CPU, then a ring-0 body and (optionally) a ring-3 body.
 """
 import struct
 import subprocess
@@ -95,6 +96,8 @@ user_spin:
     jmp user_spin
 
 common:
+    mov bx, 0x10
+    mov ds, bx
     pop eax
     mov dword ptr [results], eax
     mov dword ptr [results + 12], 0

@@ -12,7 +12,7 @@ def _bit_test(update):
             off = e.sext(e.read(src), "i32")
             log = {16: 4, 32: 5}[n]
             word = e.ashr(off, e.c(log))
-            addr = e.add(e.mem_addr(dst.mem), e.mul(word, e.c(n // 8)))
+            addr = e.lin_add(e.mem_addr(dst.mem), e.mul(word, e.c(n // 8)))
             bitpos = e.and_(e.trunc(off, t), e.c(n - 1, t))
         else:
             addr = e.mem_addr(dst.mem) if dst.kind == "mem" else None

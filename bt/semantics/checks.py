@@ -13,7 +13,7 @@ def bound(e, insn):
     t = f"i{size * 8}"
     addr = e.mem_addr(m.mem)
     lo = e.load(addr, size)
-    hi = e.load(e.add(addr, e.c(size)), size)
+    hi = e.load(e.lin_add(addr, size), size)
     v = e.read(idx)
     e.raise_if(e.or_(e.icmp("slt", v, lo), e.icmp("sgt", v, hi)), BR)
     assert v.t == t

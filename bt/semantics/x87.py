@@ -177,7 +177,7 @@ def x87(e, insn):
         addr = e.mem_addr(mop.mem)
         if kind == "r":
             for k, n in _pieces(size):
-                a = addr if k == 0 else e.add(addr, e.c(k))
+                a = addr if k == 0 else e.lin_add(addr, k)
                 e.store_field(OFF + BUF + k, e.load(a, n))
         elif size > 8:
             e.probe_write(addr, size)
@@ -190,7 +190,7 @@ def x87(e, insn):
         if key in ((0xD9, 6), (0xDD, 6)):           # FNSTENV/FNSAVE: the guest's pointers
             _memcpy(e, BUF + S.FPU_FIP, S.FPU_FIP, 16)
         for k, n in _pieces(size):
-            a = addr if k == 0 else e.add(addr, e.c(k))
+            a = addr if k == 0 else e.lin_add(addr, k)
             e.store(a, e.load_field(OFF + BUF + k, f"i{8 * n}"))
     # The instruction and data pointers of the new state.
     if not control:

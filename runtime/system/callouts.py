@@ -45,14 +45,17 @@ def _reg_write(cpu, r, value):
     cpu.st.regs[r.index] = new & 0xFFFFFFFF
 
 
-def linear_of(cpu, m):
-    """Linear address of a decode.Mem operand."""
+def linear_of(cpu, m, size=None, write=False):
+    """Linear address of a decode.Mem operand; with a size, of an access checked against the
+    segment (SystemCPU.seg_linear; only INVLPG, which accesses nothing, passes none)."""
     ea = m.disp
     if m.base is not None:
         ea += _reg_read(cpu, m.base)
     if m.index is not None:
         ea += _reg_read(cpu, m.index) * m.scale
     ea &= 0xFFFF if m.addr16 else 0xFFFFFFFF
+    if size is not None:
+        return cpu.seg_linear(m.seg, ea, size, write)
     return (cpu.segs[m.seg].base + ea) & 0xFFFFFFFF
 
 
@@ -65,7 +68,7 @@ def read_op(cpu, op, size=None):
     if op.kind == "seg":
         return cpu.segs[op.reg].selector
     if op.kind == "mem":
-        return int.from_bytes(cpu.read_lin(linear_of(cpu, op.mem), size), "little")
+        return int.from_bytes(cpu.read_lin(linear_of(cpu, op.mem, size), size), "little")
     raise GuestFault(UD)
 
 
@@ -74,7 +77,7 @@ def write_op(cpu, op, value, size=None):
     if op.kind == "reg":
         _reg_write(cpu, op.reg, value)
     elif op.kind == "mem":
-        cpu.write_lin(linear_of(cpu, op.mem), (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        cpu.write_lin(linear_of(cpu, op.mem, size, True), (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
     else:
         raise GuestFault(UD)
 
@@ -206,12 +209,12 @@ def _string_io(cpu, insn, is_in, port, size):
         if is_in:
             edi = cpu.reg("edi") & mask
             v = cpu.io.read(port, size) if cpu.io else (1 << (8 * size)) - 1
-            cpu.write_lin(cpu.segs[S.ES].base + edi, v.to_bytes(size, "little"))
+            cpu.write_lin(cpu.seg_linear(S.ES, edi, size, True), v.to_bytes(size, "little"))
             _reg_write(cpu, Reg(7, idx_w), edi + step)
         else:
             esi = cpu.reg("esi") & mask
             seg = insn.seg_override if insn.seg_override is not None else S.DS
-            v = int.from_bytes(cpu.read_lin(cpu.segs[seg].base + esi, size), "little")
+            v = int.from_bytes(cpu.read_lin(cpu.seg_linear(seg, esi, size), size), "little")
             if cpu.io:
                 cpu.io.write(port, size, v)
             _reg_write(cpu, Reg(6, idx_w), esi + step)
@@ -262,7 +265,7 @@ def segload(cpu, insn):
         (dst,) = insn.ops
         w = insn.opsize
         esp = cpu.reg("esp")
-        sel = int.from_bytes(cpu.read_lin(cpu.segs[S.SS].base + esp, w), "little") & 0xFFFF
+        sel = int.from_bytes(cpu.read_lin(cpu.seg_linear(S.SS, esp, w), w), "little") & 0xFFFF
         cpu.load_segment(dst.reg, sel)
         cpu.set_reg("esp", esp + w)
         if dst.reg == S.SS:
@@ -271,7 +274,7 @@ def segload(cpu, insn):
     # LDS/LES/LFS/LGS/LSS r, m16:32
     dst, src = insn.ops
     w = dst.size
-    addr = linear_of(cpu, src.mem)
+    addr = linear_of(cpu, src.mem, w + 2)
     raw = cpu.read_lin(addr, w + 2)
     off, sel = int.from_bytes(raw[:w], "little"), int.from_bytes(raw[w:], "little")
     seg = {"lds": S.DS, "les": S.ES, "lfs": S.FS, "lgs": S.GS, "lss": S.SS}[m]
@@ -295,17 +298,6 @@ def _far_target(cpu, sel):
     elif (sel & 3) > cpu.cpl or seg.dpl != cpu.cpl:
         raise GuestFault(GP, sel & 0xFFFC)
     return seg, addr, hi
-
-
-def _null_outer_data_segments(cpu, cpl):
-    """After a return to an outer ring: data segments (and non-conforming code) the new CPL may
-    not use are loaded with the null selector (SDM RET/IRET)."""
-    from .descriptors import Segment
-    for r in (S.ES, S.DS, S.FS, S.GS):
-        s = cpu.segs[r]
-        if s.selector & ~3 and not s.conforming and s.dpl < cpl:
-            cpu.segs[r] = Segment(0, 0, 0, 0, True, 0, False)
-    cpu.sync_segments()
 
 
 def farjump(cpu, insn):
@@ -338,7 +330,7 @@ def farjump(cpu, insn):
                 raise
             cpu._set_accessed(addr, hi)
             cpu.set_reg("esp", new_esp + extra)
-            _null_outer_data_segments(cpu, rpl)
+            cpu.null_outer_data_segments(rpl)
         else:
             cpu._set_accessed(addr, hi)
             cpu.set_cs(seg, rpl)
@@ -349,7 +341,7 @@ def farjump(cpu, insn):
         sel, off = insn.ops[0].imm & 0xFFFF, insn.ops[1].imm
     else:
         # JMP/CALL m16:16 or m16:32 (Capstone names the 32-bit forms "jmp"/"call" with a 6-byte operand).
-        addr = linear_of(cpu, insn.ops[0].mem)
+        addr = linear_of(cpu, insn.ops[0].mem, w + 2)
         raw = cpu.read_lin(addr, w + 2)
         off, sel = int.from_bytes(raw[:w], "little"), int.from_bytes(raw[w:], "little")
     seg, addr, hi = _far_target(cpu, sel)
@@ -360,7 +352,7 @@ def farjump(cpu, insn):
         # Push CS then the return EIP, all or nothing.
         esp = (cpu.reg("esp") - 2 * w) & 0xFFFFFFFF
         frame = insn.next.to_bytes(w, "little") + cpu.segs[S.CS].selector.to_bytes(w, "little")
-        cpu.write_lin(cpu.segs[S.SS].base + esp, frame)
+        cpu.write_lin(cpu.seg_linear(S.SS, esp, 2 * w, True), frame)
         cpu.set_reg("esp", esp)
     cpu._set_accessed(addr, hi)
     cpu.set_cs(seg, cpu.cpl)
@@ -373,7 +365,7 @@ def descriptor(cpu, insn):
         _ring0(cpu)
     op = insn.ops[0] if insn.ops else None
     if m in ("lgdt", "lidt"):
-        addr = linear_of(cpu, op.mem)
+        addr = linear_of(cpu, op.mem, 6)
         raw = cpu.read_lin(addr, 6)
         limit, base = struct.unpack("<HI", raw)
         if insn.opsize == 2:
@@ -381,7 +373,7 @@ def descriptor(cpu, insn):
         setattr(cpu, "gdtr" if m == "lgdt" else "idtr", (base, limit))
     elif m in ("sgdt", "sidt"):
         base, limit = cpu.gdtr if m == "sgdt" else cpu.idtr
-        cpu.write_lin(linear_of(cpu, op.mem), struct.pack("<HI", limit, base))
+        cpu.write_lin(linear_of(cpu, op.mem, 6, True), struct.pack("<HI", limit, base))
     elif m == "sldt":
         write_op(cpu, op, cpu.ldtr.selector, 2 if op.kind == "mem" else op.size)
     elif m == "str":

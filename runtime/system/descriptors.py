@@ -1,6 +1,8 @@
 """Segment descriptors and the descriptor cache of a segment register (SDM Vol. 3A, 3.4-3.5)."""
 from dataclasses import dataclass
 
+EMPTY, FULL = (0xFFFFFFFF, 0), (0, 0xFFFFFFFF)    # offset ranges (lo, hi); = bt.state.SEG_EMPTY/SEG_FULL
+
 
 @dataclass
 class Segment:
@@ -14,6 +16,7 @@ class Segment:
     present: bool = True
     db: bool = False        # D/B: 32-bit code / 32-bit stack
     granular: bool = False
+    usable: bool = True     # False after loading a null selector: every access is #GP(0)
 
     @property
     def is_code(self):
@@ -30,6 +33,27 @@ class Segment:
     @property
     def writable(self):
         return self.s and not self.is_code and bool(self.type & 2)
+
+    @property
+    def expand_down(self):
+        return self.s and not self.is_code and bool(self.type & 4)
+
+    def ranges(self):
+        """The valid offsets ((lo, hi) for reads, (lo, hi) for writes): an access of n bytes at
+        offset o is allowed when lo <= o and o + n - 1 <= hi (SDM 5.3, 5.4.1, 5.5)."""
+        if not self.usable:
+            return EMPTY, EMPTY
+        if self.expand_down:
+            top = 0xFFFFFFFF if self.db else 0xFFFF
+            r = (self.limit + 1, top) if self.limit < top else EMPTY
+        else:
+            r = (0, self.limit)
+        return (r if self.readable else EMPTY), (r if self.writable else EMPTY)
+
+    @classmethod
+    def null(cls, selector=0):
+        """A data segment register holding a null selector (DS/ES/FS/GS may; using it faults)."""
+        return cls(selector, 0, 0, 0, True, 0, False, usable=False)
 
     @classmethod
     def flat(cls, selector, code, dpl=0):

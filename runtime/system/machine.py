@@ -19,11 +19,13 @@ SLICE = 20_000
 
 
 class MachineExit(Exception):
-    """Ends Machine.run with an exit status and a one-line report (may be empty)."""
+    """Ends Machine.run with an exit status and a one-line report (may be empty).  reset: the
+    guest asked for a reset or triple-faulted (a shutdown cycle, which resets a PC's CPU): the
+    caller may boot again (btvm boot does, as QEMU, unless -no-reboot)."""
 
-    def __init__(self, status, message=""):
+    def __init__(self, status, message="", reset=False):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.reset = status, message, reset
 
 
 class Machine:
@@ -47,7 +49,7 @@ class Machine:
 
     # ---- device callbacks ---------------------------------------------------------------------------
     def _reset(self):
-        raise MachineExit(0, "guest requested a reset")
+        raise MachineExit(0, "guest requested a reset", reset=True)
 
     def _debug_exit(self, status):
         raise MachineExit(status)
@@ -59,7 +61,7 @@ class Machine:
         try:
             cpu.deliver(vector, error)
         except TripleFault as tf:
-            raise MachineExit(1, f"btvm: {tf} at eip={cpu.st.eip:#x}; the VM stops")
+            raise MachineExit(1, f"btvm: {tf} at eip={cpu.st.eip:#x}", reset=True)
 
     # ---- boot ----------------------------------------------------------------------------------------
     def load_multiboot(self, image, cmdline=""):
@@ -105,7 +107,7 @@ class Machine:
         try:
             fn()
         except TripleFault as tf:
-            raise MachineExit(1, f"btvm: {tf}; the VM stops")
+            raise MachineExit(1, f"btvm: {tf}", reset=True)
 
     def run(self, console=None, status_every=None):
         """Run until the guest powers off, exits through isa-debug-exit or fails; returns the status.
@@ -164,7 +166,7 @@ class Machine:
         except QuitRequest:
             return MachineExit(0, "btvm: quit (Ctrl-A x)")
         except TripleFault as tf:
-            return MachineExit(1, f"btvm: {tf} at eip={cpu.st.eip:#x}; the VM stops")
+            return MachineExit(1, f"btvm: {tf} at eip={cpu.st.eip:#x}", reset=True)
         except GuestFault as f:
             return MachineExit(1, f"btvm: fault {f.vector} outside guest delivery at eip={cpu.st.eip:#x}")
 

@@ -13,7 +13,8 @@ import struct
 from bt import state as S
 from runtime.cpu import CPU, GuestFault, Stop
 
-from .descriptors import Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
+from .descriptors import FULL, Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
+from .tlb import TLBShadow
 from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR0_EM, CR0_TS, CR0_MP, CR4_PSE, CR4_PGE, CR4_TSD
 
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_, GP, PF, MF, AC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17
@@ -45,6 +46,7 @@ class SystemCPU(CPU):
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
         self.block_phys = {}    # (eip, key) -> physical page the block was translated from
+        self.tlb_shadow = TLBShadow()
         super().__init__(mem, S.make_key(cpl=0))
         self.cache.on_install = self._on_install
         self.sync_segments()
@@ -139,7 +141,7 @@ class SystemCPU(CPU):
             if (addr & 0xFFF) + size <= 0x1000:
                 data = self.read_phys(first[0], size)
                 if first[0] < self.ram_size:
-                    self._fill(addr, first[0], S.TLB_READ)
+                    self._fill(addr, first[0], S.TLB_READ, first[1])
             else:
                 split = 0x1000 - (addr & 0xFFF)
                 data = self.read_phys(first[0], split) + self.read_phys(last[0] - (size - 1 - split), size - split)
@@ -163,7 +165,7 @@ class SystemCPU(CPU):
                 self.write_phys(first[0], data)
                 self._phys_written(first[0], size)
                 if first[0] < self.ram_size and (first[0] & ~0xFFF) not in self.code_phys and first[2]:
-                    self._fill(addr, first[0], S.TLB_WRITE)
+                    self._fill(addr, first[0], S.TLB_WRITE, first[1])
             else:
                 split = 0x1000 - (addr & 0xFFF)
                 p2 = last[0] - (size - 1 - split)
@@ -175,10 +177,24 @@ class SystemCPU(CPU):
             self._pending_error = exc
             self.st.fault = 1
 
-    def _fill(self, lin, phys, kind):
-        ent = self.st.tlb[S.tlb_index(1 if self.cpl == 3 else 0, kind) + ((lin >> 12) & (S.TLB_SIZE - 1))]
+    def _fill(self, lin, phys, kind, is_global):
+        i = S.tlb_index(1 if self.cpl == 3 else 0, kind) + ((lin >> 12) & (S.TLB_SIZE - 1))
+        ent = self.st.tlb[i]
         ent.tag = lin & 0xFFFFF000
         ent.addend = (self.mem.base + (phys & 0xFFFFF000) - (lin & 0xFFFFF000)) & 0xFFFFFFFFFFFFFFFF
+        self.tlb_shadow.filled(i, ent.tag, ent.addend, phys & ~0xFFF, is_global, kind)
+
+    def tlb_flush(self, keep_global=False):
+        """Empty the soft TLB; keep_global (a CR3 write with CR4.PGE) puts global entries back."""
+        super().tlb_flush()
+        if keep_global:
+            self.tlb_shadow.restore_globals(self.st.tlb)
+        else:
+            self.tlb_shadow.clear()
+
+    def tlb_flush_page(self, page):
+        super().tlb_flush_page(page)
+        self.tlb_shadow.drop_page(page)
 
     def _fetch(self, addr, n):
         out = bytearray()
@@ -210,6 +226,7 @@ class SystemCPU(CPU):
             return
         self.code_phys.setdefault(phys, set()).add(lin_page)
         self.tlb_flush_page(lin_page)
+        self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
 
     # ---- control registers and mode ---------------------------------------------------------------
     def flush_translations(self):
@@ -225,12 +242,12 @@ class SystemCPU(CPU):
         changed = (self.cr0 ^ v) & (CR0_PG | CR0_WP | CR0_PE)
         self.cr0 = v & 0xE005003F
         if changed:
-            self.switch_address_space(everything=True)
+            self.switch_address_space()
         self.update_key()
 
     def set_cr3(self, v):
         self.cr3 = v & 0xFFFFF018
-        self.switch_address_space()
+        self.switch_address_space(keep_global=bool(self.cr4 & CR4_PGE))
 
     def _on_install(self, tb):
         """Remember the physical page a block came from (checked again at every lookup)."""
@@ -240,12 +257,12 @@ class SystemCPU(CPU):
             return
         self.block_phys[(tb.eip, tb.key)] = phys & ~0xFFF
 
-    def switch_address_space(self, everything=False):
+    def switch_address_space(self, keep_global=False):
         """A new linear->physical mapping.  Translated blocks are kept: a block is re-checked
         against the physical page it came from whenever it is looked up, chains never cross a
         page when paging is on (bt/emit.py), and the native jump cache - the only other way
-        into a block - is cleared here.  `everything` is kept for callers that changed CR0/CR4."""
-        self.tlb_flush()
+        into a block - is cleared here.  The TLB keeps global entries on a CR3 write (keep_global)."""
+        self.tlb_flush(keep_global)
         cache = self.cache
         ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
         cache.forget_instructions()
@@ -269,8 +286,8 @@ class SystemCPU(CPU):
         changed = (self.cr4 ^ v) & (CR4_PSE | CR4_PGE)
         self.cr4 = v
         if changed:
-            # Linux flushes global TLB entries by toggling PGE: global mappings may have changed.
-            self.switch_address_space(everything=True)
+            # Toggling PGE flushes global entries too (Linux's way to flush them, SDM 4.10.4.1).
+            self.switch_address_space()
 
     @property
     def eflags(self):
@@ -283,9 +300,12 @@ class SystemCPU(CPU):
     def update_key(self):
         cpl = self.segs[S.CS].selector & 3 if self.cr0 & CR0_PE else 0
         cpl = self._cpl_override if getattr(self, "_cpl_override", None) is not None else cpl
-        flat = all(self.segs[i].base == 0 for i in (S.ES, S.CS, S.SS, S.DS))
+        # FLAT: translated code neither adds ES/CS/SS/DS bases nor checks ES/SS/DS (Emitter.seg_check).
+        flat = self.segs[S.CS].base == 0 and all(
+            self.segs[i].base == 0 and self.segs[i].ranges() == (FULL, FULL) for i in (S.ES, S.SS, S.DS))
         key = S.make_key(cs32=self.segs[S.CS].db, pe=bool(self.cr0 & CR0_PE), pg=bool(self.cr0 & CR0_PG),
-                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3)
+                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3,
+                         fs_full=self.segs[S.FS].ranges() == (FULL, FULL))
         key |= self.key & S.KEY_STEP
         key |= (S.KEY_FPU_EM if self.cr0 & CR0_EM else 0) | (S.KEY_FPU_TS if self.cr0 & CR0_TS else 0) \
             | (S.KEY_FPU_MP if self.cr0 & CR0_MP else 0)
@@ -298,9 +318,11 @@ class SystemCPU(CPU):
         return S.key_cpl(self.key)
 
     def sync_segments(self):
+        st = self.st
         for i, seg in enumerate(self.segs):
-            self.st.seg_base[i] = seg.base
-            self.st.seg_sel[i] = seg.selector
+            st.seg_base[i] = seg.base
+            st.seg_sel[i] = seg.selector
+            (st.seg_lo[i], st.seg_hi[i]), (st.seg_lo[6 + i], st.seg_hi[6 + i]) = seg.ranges()
         self.update_key()
 
     # ---- descriptors ------------------------------------------------------------------------------
@@ -321,7 +343,7 @@ class SystemCPU(CPU):
         if selector & ~3 == 0:
             if reg == S.SS:
                 raise GuestFault(GP, 0)
-            self.segs[reg] = Segment(selector, 0, 0, 0, True, 0, False)
+            self.segs[reg] = Segment.null(selector)
             self.sync_segments()
             return
         lo, hi, addr = self.descriptor(selector)
@@ -341,6 +363,14 @@ class SystemCPU(CPU):
         self._set_accessed(addr, hi)
         self.segs[reg] = seg
         self.sync_segments()
+
+    def seg_linear(self, seg, off, size, write=False):
+        """The linear address of a size-byte access at offset off through segment register seg,
+        checked as translated code checks it (bt/emit.py Emitter.seg_check): #GP(0), #SS(0) for SS."""
+        lo, hi = self.segs[seg].ranges()[1 if write else 0]
+        if off < lo or off + size - 1 > hi:
+            raise GuestFault(SS_ if seg == S.SS else GP, 0)
+        return (self.segs[seg].base + off) & 0xFFFFFFFF
 
     def _set_accessed(self, addr, hi):
         if not hi & 0x100:
@@ -476,16 +506,21 @@ class SystemCPU(CPU):
             self.set_eflags(new_fl)
             self.load_segment(S.SS, new_ss)
             self.set_reg("esp", new_esp)
-            for r in (S.ES, S.DS, S.FS, S.GS):
-                s = self.segs[r]
-                if s.selector & ~3 and (not s.is_code or not s.conforming) and s.dpl < rpl:
-                    self.segs[r] = Segment(0, 0, 0, 0, True, 0, False)
-            self.sync_segments()
+            self.null_outer_data_segments(rpl)
         else:
             self.set_reg("esp", esp + 12)
             self.set_cs(seg, rpl)
             self.set_eflags(new_fl)
         self.set_reg("eip", eip)
+
+    def null_outer_data_segments(self, cpl):
+        """After a return to an outer ring (IRET, RETF): data segments (and non-conforming code)
+        the new CPL may not use are loaded with the null selector (SDM RET/IRET)."""
+        for r in (S.ES, S.DS, S.FS, S.GS):
+            s = self.segs[r]
+            if s.selector & ~3 and not s.conforming and s.dpl < cpl:
+                self.segs[r] = Segment.null()
+        self.sync_segments()
 
     def load_tr(self, selector):
         lo, hi, addr = self.descriptor(selector)

@@ -1,0 +1,82 @@
+"""Global pages (CR4.PGE, PTE.G) in the TLB, as on hardware (SDM Vol. 3A 4.10.2.4, 4.10.4.1):
+a CR3 write flushes every TLB entry except the global ones; INVLPG drops one page, global or not;
+toggling CR4.PGE (or a CR0.PG change) flushes everything.
+
+Each body maps linear 0x200000 to page A (0x205000) or B (0x206000) and reads it after changing the
+PTE without INVLPG: a read that still sees A shows the stale (kept) translation.  The page is read
+once first so that the translation is in the TLB (the SDM allows any entry to be dropped at any
+time; btvm's TLB keeps it until a flush).  The last tests: a write through another linear alias of
+a page holding translated code still invalidates that code, whenever its TLB entry was made."""
+from tests.test_callouts import run, store
+from tests.test_system import PAGING
+
+A, B = 0x205007, 0x206007      # PTE values: present, writable, user
+G = 0x100
+SETUP = (PAGING + "    mov dword ptr [0x205000], 0xaaaa\n    mov dword ptr [0x206000], 0xbbbb\n"
+         "    mov eax, cr4\n    or eax, 0x80\n    mov cr4, eax\n")     # CR4.PGE
+
+
+def _map(pte):
+    return f"    mov dword ptr [page_tab + 0x200*4], {pte:#x}\n"
+
+
+READ = "    mov eax, dword ptr [0x200000]\n"
+CR3 = "    mov eax, cr3\n    mov cr3, eax\n"
+
+
+def _run(body):
+    res, r, out = run(SETUP + body, prelude=False)
+    assert r["marker"] == 0x600D, (res.message, r)
+    return out
+
+
+def test_cr3_write_keeps_a_global_translation_and_invlpg_drops_it():
+    out = _run(_map(A | G) + READ + _map(B | G) + CR3 + READ + store(0)
+               + "    invlpg [0x200000]\n" + READ + store(1))
+    assert out[:2] == [0xAAAA, 0xBBBB]
+
+
+def test_cr3_write_drops_a_non_global_translation():
+    out = _run(_map(A) + READ + _map(B) + CR3 + READ + store(0))
+    assert out[0] == 0xBBBB
+
+
+def test_global_bit_without_cr4_pge_is_ignored():
+    out = _run("    mov eax, cr4\n    and eax, ~0x80\n    mov cr4, eax\n"
+               + _map(A | G) + READ + _map(B | G) + CR3 + READ + store(0))
+    assert out[0] == 0xBBBB
+
+
+def test_toggling_cr4_pge_flushes_global_translations():
+    out = _run(_map(A | G) + READ + _map(B | G)
+               + "    mov eax, cr4\n    and eax, ~0x80\n    mov cr4, eax\n    or eax, 0x80\n    mov cr4, eax\n"
+               + READ + store(0))
+    assert out[0] == 0xBBBB
+
+
+def test_global_translation_kept_for_writes_too():
+    # A write through the kept entry lands in the old page (B is untouched).
+    out = _run(_map(A | G) + "    mov dword ptr [0x200000], 1\n" + _map(B | G) + CR3
+               + "    mov dword ptr [0x200000], 2\n    mov eax, [0x205000]\n" + store(0)
+               + "    mov eax, [0x206000]\n" + store(1))
+    assert out[:2] == [2, 0xBBBB]
+
+
+def _code(value, via):
+    """mov eax, value; ret - written byte by byte at linear address via."""
+    code = bytes([0xB8]) + value.to_bytes(4, "little") + bytes([0xC3])
+    return "".join(f"    mov byte ptr [{via + i:#x}], {b:#x}\n" for i, b in enumerate(code))
+
+
+def test_write_through_a_kept_global_alias_still_invalidates_translated_code():
+    # 0x200000 (global) and 0x205000 (identity) map the same page; its code is translated after
+    # the global write entry was made, and rewritten through it after a CR3 write.
+    out = _run(_map(A | G) + _code(1, 0x200000) + CR3 + "    mov ebx, 0x205000\n    call ebx\n" + store(0)
+               + _code(2, 0x200000) + "    call ebx\n" + store(1))
+    assert out[:2] == [1, 2]
+
+
+def test_write_through_a_non_global_alias_invalidates_translated_code():
+    out = _run(_map(A) + _code(1, 0x200000) + "    mov ebx, 0x205000\n    call ebx\n" + store(0)
+               + _code(2, 0x200000) + "    call ebx\n" + store(1))
+    assert out[:2] == [1, 2]
