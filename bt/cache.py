@@ -257,7 +257,7 @@ class CodeCache:
         for name in self.disk.candidates(eip, key, window):
             known = _ENTRIES.get(name)
             if known is not None:           # loaded earlier in this process: no file to read
-                tb = self._adopt_entry(*known, eip, key)
+                tb = self._adopt_entry(*known, eip, key, counter="memo_hits")
                 if tb is not None:
                     return tb
                 continue
@@ -290,7 +290,7 @@ class CodeCache:
         self.counters["persistent_batches"] += 1
         return self._adopt_entry(ent.tier, tbs, eip, key)
 
-    def _adopt_entry(self, tier, tbs, eip, key):
+    def _adopt_entry(self, tier, tbs, eip, key, counter="persistent_hits"):
         """Install the blocks of a loaded entry that match guest memory; the TB at eip or None."""
         def valid(tb):
             e, _, raw = tb.memo_key
@@ -298,14 +298,14 @@ class CodeCache:
         if tier == 2:
             if not self._adopt_region(tbs):
                 return None
-            self.counters["persistent_hits"] += len(tbs)
+            self.counters[counter] += len(tbs)
             return self.blocks.get((eip, key))
         # A block that a stored region holds is left to be loaded with its region when reached.
         use = [tb for tb in tbs if tb.owner is not self and valid(tb) and (
             tb.eip == eip or not self.disk.in_region(tb.eip, key, self.fetch(tb.eip, diskcache.WINDOW)))]
         if all(tb.eip != eip for tb in use):
             return None
-        self.counters["persistent_hits"] += len(use)
+        self.counters[counter] += len(use)
         return self._adopt(use, eip, key, fresh=set(use))
 
     def _install(self, tb, notify=True):
