@@ -99,7 +99,7 @@ class DiskCache:
         self._sized = None          # bytes in the folder, measured at the first write
         self.errors = 0
         self._index = None          # (eip, key, window digest) -> [entry name], loaded at first use
-        self._log = None            # this process's index log (opened at the first store)
+        self._log = None            # this process's index log (named at the first store)
 
     def _name(self, eip, key, window):
         return hashlib.sha256(f"{self.version}:{eip:x}:{key:x}:".encode() + window).digest()
@@ -229,10 +229,15 @@ class DiskCache:
             if self._log is None:
                 d = self.root / INDEX_DIR
                 d.mkdir(parents=True, exist_ok=True)
-                # O_APPEND and one write per batch: records of one process never interleave.
-                self._log = os.open(d / f"{os.getpid()}-{secrets.token_hex(6)}.log",
-                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.write(self._log, data)
+                self._log = d / f"{os.getpid()}-{secrets.token_hex(6)}.log"
+            # Opened for each write, never kept: a user-mode guest shares this process's fd table
+            # (its dup2 could land on our descriptor, or ours on a number it expects free).
+            # O_APPEND and one write per batch: records of one process never interleave.
+            fd = os.open(self._log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
         except OSError:
             self.errors += 1
 

@@ -241,3 +241,19 @@ def test_native_outputs_are_meaningful(results):
     assert b"Thu Jan  1 00:00:00 UTC 1970" in out and b"dd rc=1" in out
     (rc, out, err), _ = results["text"]
     assert b"grape  fruit" in out and b"1-2\n3-4\n" in out
+
+
+def test_guest_sees_no_descriptor_of_btvm(tmp_path):
+    """btvm's own files (the disk cache's index log) never hold a descriptor while the guest runs:
+    the guest shares the process's fd table, so a held descriptor showed up in /proc/self/fd, moved
+    the guest's first open() from 3 to 4, and a guest dup2 onto it sent btvm's index records into
+    the guest's file (a corrupt tar archive)."""
+    script = "ls /proc/self/fd; exec 3>f3; ls /proc/self/fd"
+    native = _run_native(script, tmp_path, ENV)
+    cache = tmp_path / "cache"          # an empty persistent cache: this run stores batches
+    host_env = dict(os.environ, BTVM_CACHE_DIR=str(cache))
+    host_env.pop("BTVM_NO_CACHE", None)
+    emu = _run(BTVM + ["--clean-env"] + [a for k, v in ENV.items() for a in ("-E", f"{k}={v}")] +
+               ["--", str(BUSYBOX), "sh", "-c", script], tmp_path, host_env)
+    assert list(cache.rglob("*.log")), "the run stored nothing: the test checks nothing"
+    assert emu == native
