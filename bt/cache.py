@@ -84,7 +84,6 @@ class CodeCache:
         self.disk = shared_disk(self.jit) if disk is None else (disk or None)
         self.optimizer = tier2.shared_optimizer() if optimizer is None else (optimizer or None)
         self.hot_threshold = tier2.THRESHOLD if self.optimizer is not None else 0
-        self.tier2_done = deque()             # optimized regions waiting to be installed (poll_tier2)
         self.batch = batch
         self.batch_insns = batch_insns
         self.max_blocks = max_blocks
@@ -406,7 +405,9 @@ class CodeCache:
         for t in old:
             t.promoting = True
         self.counters["tier2_regions"] += 1
-        self.optimizer.submit(tier2.Job(self, old, blocks, [names[b.eip] for b in blocks], slots, mt.text()))
+        windows = [self.fetch(b.eip, diskcache.WINDOW) for b in blocks]
+        self.optimizer.submit(tier2.Job(self, old, blocks, [names[b.eip] for b in blocks], slots, windows,
+                                        mt.text()))
         if self.optimizer.sync:
             self.poll_tier2()
 
@@ -467,8 +468,34 @@ class CodeCache:
 
     def poll_tier2(self):
         """Install every region the optimizer has finished (call between native runs)."""
-        while self.tier2_done:
-            self._install_region(self.tier2_done.popleft())
+        done = self.optimizer.done if self.optimizer is not None else ()
+        while done:
+            job = done.popleft()
+            if job.owner is self:
+                self._install_region(job)
+                continue
+            for t in job.old:
+                t.promoting = False
+            if job.error is None and job.owner.jit is self.jit:
+                # Its cache is gone or idle (a finished snippet): keep the region for whoever
+                # meets these blocks next (memo and disk), without touching that cache.
+                self._register_region(job)
+
+    def _register_region(self, job):
+        """Load a finished region's code and remember it (memo, disk); returns its TBs."""
+        fns, slots = self.jit.load_object(job.obj, job.names, [s for sl in job.slots for s in sl])
+        new = self._make_region([(blk, fns[name], [slots[s] for s in sl], name)
+                                 for blk, name, sl in zip(job.blocks, job.names, job.slots)])
+        self.counters["tier2_blocks"] += len(new)
+        self.counters["tier2_compile_us"] += int(job.seconds * 1e6)
+        if self.disk is not None:
+            stored = [(b.eip, b.raw, w, len(b.insns), n, sl)
+                      for b, w, n, sl in zip(job.blocks, job.windows, job.names, job.slots)]
+            name = self.disk.store(job.old[0].key, stored, job.obj, tier=2)
+            if name is not None:
+                _ENTRIES[name] = (2, new)
+                self.counters["persistent_stores"] += 1
+        return new
 
     def _install_region(self, job):
         for t in job.old:
@@ -479,23 +506,12 @@ class CodeCache:
         if any(self.blocks.get((t.eip, t.key)) is not t for t in job.old):
             self.counters["tier2_dropped"] += 1        # invalidated while being optimized
             return
-        fns, slots = self.jit.load_object(job.obj, job.names, [s for sl in job.slots for s in sl])
-        new = self._make_region([(blk, fns[name], [slots[s] for s in sl], name)
-                                 for blk, name, sl in zip(job.blocks, job.names, job.slots)])
+        new = self._register_region(job)
         for t in job.old:
             self.forget(t)
         for tb in new:
             # Not announced (on_install): it replaces a block translated from the same bytes.
             self._install(tb, notify=False)
-        self.counters["tier2_blocks"] += len(new)
-        self.counters["tier2_compile_us"] += int(job.seconds * 1e6)
-        if self.disk is not None:
-            stored = [(b.eip, b.raw, self.fetch(b.eip, diskcache.WINDOW), len(b.insns), n, sl)
-                      for b, n, sl in zip(job.blocks, job.names, job.slots)]
-            name = self.disk.store(job.old[0].key, stored, job.obj, tier=2)
-            if name is not None:
-                _ENTRIES[name] = (2, new)
-                self.counters["persistent_stores"] += 1
 
     def _make_region(self, members):
         """Tier-2 TBs from [(block, function address, slot addresses, name)], knowing each other."""

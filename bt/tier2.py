@@ -30,11 +30,12 @@ OPT = 2
 
 class Job:
     """One region on its way through the optimizer."""
-    __slots__ = ("owner", "old", "blocks", "names", "slots", "text", "obj", "error", "seconds")
+    __slots__ = ("owner", "old", "blocks", "names", "slots", "windows", "text", "obj", "error", "seconds")
 
-    def __init__(self, owner, old, blocks, names, slots, text):
-        self.owner = owner            # the code cache that installs the result
+    def __init__(self, owner, old, blocks, names, slots, windows, text):
+        self.owner = owner            # the code cache that asked (it installs the region)
         self.old, self.blocks, self.names, self.slots, self.text = old, blocks, names, slots, text
+        self.windows = windows        # each block's first guest bytes (disk-cache keys), taken at submit
         self.obj = self.error = None
         self.seconds = 0.0
 
@@ -50,10 +51,11 @@ class Optimizer:
                                                features=llvm.get_host_cpu_features().flatten(),
                                                opt=OPT, jit=True)
         self.sync = sync
+        self.done = deque()          # finished jobs: appended by the worker, drained by code caches
         self._todo = deque()
         self._wake = threading.Condition()
         self._thread = None
-        self.inflight = 0            # submitted and not yet in its owner's queue
+        self.inflight = 0            # submitted and not yet in done
 
     def submit(self, job):
         if self.sync:
@@ -90,13 +92,10 @@ class Optimizer:
         except Exception as exc:          # a bug of ours: the region just stays at tier 1
             job.error = exc
         job.seconds = time.perf_counter() - t0
-        # Into the owner's own queue: a job must never be installed by another machine (whose
-        # guest memory may be gone by then).
-        job.owner.tier2_done.append(job)
+        self.done.append(job)
 
     def wait_idle(self, timeout=60.0):
         """Block until every submitted job is finished (tests, benchmarks)."""
-        # (inflight drops after the job is in its owner's queue)
         end = time.monotonic() + timeout
         while self.inflight and time.monotonic() < end:
             time.sleep(0.005)

@@ -293,7 +293,8 @@ class CPU:
             budget = SLICE if remaining is None else min(SLICE, remaining)
             st.budget = budget
             st.tsc_base = (self.icount + self.extra_ns + self.tsc_offset + budget) & 0xFFFFFFFFFFFFFFFF
-            if self.cache.tier2_done:
+            opt = self.cache.optimizer
+            if opt is not None and opt.done:
                 self.cache.poll_tier2()
             try:
                 rc = self._enter(self.st_addr)

@@ -144,6 +144,30 @@ def test_a_new_cache_adopts_the_region(promote):
     assert second["tier2_adopted"] >= 1 and second.get("tier2_regions", 0) == 0
 
 
+def test_region_finished_after_its_machine_is_gone(monkeypatch):
+    """The optimizer finishes a region after the snippet that asked for it was closed: the next
+    machine meeting the same code takes the region (and nothing touches the closed memory)."""
+    monkeypatch.setenv("BTVM_NO_CACHE", "1")
+    monkeypatch.setattr(tier2, "THRESHOLD", 16)
+    opt = tier2.Optimizer(sync=False)
+    monkeypatch.setattr(tier2, "_shared", opt)
+    code = asm("mov ecx, 400; l: add eax, ecx; ror eax, 5; xor eax, 0x1234; dec ecx; jnz l; hlt", 0x1000)
+    results = []
+    for _ in range(2):
+        sn = Snippet(trace_writes=False)
+        try:
+            sn.mem.write(0x1000, code)
+            sn.cpu.set_reg("eip", 0x1000)
+            sn.cpu.run(10**6)
+            results.append((sn.cpu.reg("eax"), dict(sn.cpu.cache.counters)))
+        finally:
+            sn.close()
+        opt.wait_idle()
+    (a, first), (b, second) = results
+    assert a == b and first["tier2_regions"] >= 1
+    assert second["tier2_adopted"] >= 1
+
+
 def test_profile_reports_tier2(tmp_path):
     j = tmp_path / "p.json"
     env = dict(os.environ, BTVM_HOT="200", BTVM_TIER2_SYNC="1", BTVM_NO_CACHE="1")
