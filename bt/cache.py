@@ -54,10 +54,14 @@ class TB:
                  "counter", "tier", "region", "promoting")
 
     def __init__(self, block, fn, slots, name):
+        if not isinstance(block, diskcache.StoredBlock):
+            # Keep the bytes, not the decoded instructions (hundreds of bytes of Python objects per
+            # instruction, for every block ever translated); tier 2 decodes hot ones again.
+            block = diskcache.StoredBlock(block.eip, block.key, block.raw, len(block.insns))
         self.eip, self.key, self.block = block.eip, block.key, block
         self.fn, self.slots, self.name = fn, slots, name
         self.pages = block.pages()
-        self.ninsns = block.ninsns if isinstance(block, diskcache.StoredBlock) else len(block.insns)
+        self.ninsns = block.ninsns
         self.owner = None
         self.execs = 0
         self.memo_key = (block.eip, block.key, block.raw)
@@ -411,12 +415,11 @@ class CodeCache:
         if self.optimizer.sync:
             self.poll_tier2()
 
-    def _decoded(self, tb):
-        blk = tb.block
-        if isinstance(blk, diskcache.StoredBlock):     # from the disk cache: decode its bytes again
-            raw, eip = blk.raw, blk.eip
-            blk = decode_block(lambda a, n: raw[a - eip:a - eip + n], eip, tb.key, ends_block)
-        return blk
+    @staticmethod
+    def _decoded(tb):
+        """The decoded instructions of a block (TBs keep only its bytes)."""
+        raw, eip = tb.block.raw, tb.block.eip
+        return decode_block(lambda a, n: raw[a - eip:a - eip + n], eip, tb.key, ends_block)
 
     def _region(self, tb):
         """The hot block and the warm tier-1 blocks it reaches by direct jumps (same page when
