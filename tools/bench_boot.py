@@ -11,6 +11,7 @@ BTVM-INIT-OK from /init and powers off.  QEMU is skipped with a note if it is no
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -28,10 +29,12 @@ def guests():
     return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
 
 
-def time_to_marker(cmd, timeout, env=None):
-    """Seconds until MARKER appears on stdout (the process is then left to finish or killed)."""
+def time_to_marker(cmd, timeout, env=None, rss=None, stderr=None):
+    """Seconds until MARKER appears on stdout (the process is then killed); None on timeout.
+    rss, a list, gets the process's peak resident memory in MiB; stderr, a path, the process's stderr."""
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    err = open(stderr, "wb") if stderr else subprocess.DEVNULL
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env)
     os.set_blocking(p.stdout.fileno(), False)
     seen = b""
     try:
@@ -48,7 +51,18 @@ def time_to_marker(cmd, timeout, env=None):
         return None
     finally:
         p.kill()
-        p.wait()
+        _, _, usage = os.wait4(p.pid, 0)
+        p.returncode = -9
+        if rss is not None:
+            rss.append(usage.ru_maxrss / 1024)
+        if stderr:
+            err.close()
+
+
+def compiled_blocks(stderr):
+    """Blocks compiled so far, from the last -status line btvm printed (at most 1 s old)."""
+    counts = re.findall(rb"(\d+) blocks compiled", Path(stderr).read_bytes())
+    return int(counts[-1]) if counts else None
 
 
 def main(argv=None):
@@ -66,33 +80,46 @@ def main(argv=None):
     subprocess.run([sys.executable, str(ROOT / "tools/make_initramfs.py"), "--busybox", g["busybox"],
                     "--script", os.devnull, "-o", str(initrd)], check=True, capture_output=True)
     btvm = [sys.executable, "-m", "runtime.cli", "boot", "-kernel", g["kernel"], "-initrd", str(initrd),
-            "-append", "console=ttyS0", "-m", "256", "-no-stdin"]
+            "-append", "console=ttyS0", "-m", "256", "-no-stdin", "-status", "1"]
     if args.fixed_rtc:
         # A fixed CMOS time makes the run deterministic (with the default -clock icount), so the
         # warm run meets exactly the code the cold run translated and in the same order.
         btvm += ["-rtc", "base=2026-01-01T00:00:00"]
     env = dict(os.environ, BTVM_CACHE_DIR=str(work / "code"))
-    rows = {}
+    rows, rss, blocks = {}, {}, {}
+    log = work / "stderr.txt"
+
+    def btvm_run(name):
+        rss.setdefault(name, [])
+        t = time_to_marker(btvm, args.timeout, env, rss[name], log)
+        blocks.setdefault(name, []).append(compiled_blocks(log))
+        return t
     print("btvm cold (empty translation cache)...", file=sys.stderr)
-    rows["btvm cold"] = [time_to_marker(btvm, args.timeout, env)]
+    rows["btvm cold"] = [btvm_run("btvm cold")]
     print("btvm warm...", file=sys.stderr)
-    rows["btvm warm"] = [time_to_marker(btvm, args.timeout, env) for _ in range(args.repeat)]
+    rows["btvm warm"] = [btvm_run("btvm warm") for _ in range(args.repeat)]
     qemu = shutil.which("qemu-system-i386")
     if qemu:
         print("qemu-system-i386...", file=sys.stderr)
         cmd = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-m", "256", "-kernel", g["kernel"],
                "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1"]
-        rows["qemu-system-i386"] = [time_to_marker(cmd, args.timeout) for _ in range(args.repeat)]
+        rss["qemu-system-i386"] = []
+        rows["qemu-system-i386"] = [time_to_marker(cmd, args.timeout, rss=rss["qemu-system-i386"])
+                                    for _ in range(args.repeat)]
     else:
         print("qemu-system-i386 not installed (Debian package qemu-system-x86): no QEMU column", file=sys.stderr)
     med = {k: (statistics.median(v) if all(x is not None for x in v) else None) for k, v in rows.items()}
     q = med.get("qemu-system-i386")
-    print(f"{'boot to /init marker':24} {'seconds':>9} {'x QEMU':>8}")
+    print(f"{'boot to /init marker':24} {'seconds':>9} {'x QEMU':>8} {'peak RSS MiB':>13} {'blocks compiled':>16}")
     for k, v in med.items():
         ratio = f"{v / q:8.1f}" if v and q else "       -"
-        print(f"{k:24} {v if v is not None else float('nan'):9.1f} {ratio}")
+        mem = f"{max(rss[k]):13.0f}" if rss.get(k) else "            -"
+        nb = blocks.get(k, [None])[-1]
+        print(f"{k:24} {v if v is not None else float('nan'):9.1f} {ratio} {mem} {'-' if nb is None else nb:>16}")
+    print("(guest RAM is 256 MiB of the RSS; blocks compiled: tier 1, from btvm's last -status line before the marker)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"median_seconds": med, "runs": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"median_seconds": med, "runs": rows, "peak_rss_mib": rss,
+                                               "blocks_compiled": blocks}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
