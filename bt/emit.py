@@ -17,6 +17,9 @@ PTR = "ptr"
 # Set (before any translation) by `btvm profile`: every block counts its executions in a
 # global `@<name>_n` (part of the disk cache's version, see bt.cache.shared_disk).
 COUNT_EXECS = False
+# Tier-1 memory accesses call one internal function per (kind, size, privilege) of the module
+# instead of inlining the TLB probe (see Emitter._mem_helper).
+MEM_CALLS = True
 ITY = {1: "i8", 2: "i16", 4: "i32", 8: "i64"}
 
 
@@ -590,12 +593,76 @@ class Emitter:
         self.cbr(bad, self._fault_exit_label(), cont)
         self.set_label(cont)
 
+    def _mem_helper(self, kind, size):
+        """Name of the module's internal function for one soft-MMU access (TLB probe, host access,
+        slow path), defined on first use.  Tier 1 calls it: a third of the IR per access, which
+        LLVM compiles that much faster; tier 2 (a region) keeps the probe inline for speed."""
+        name = f"btvm_{'st' if kind == S.TLB_WRITE else 'ld'}{size}_p{self.priv}"
+        if name in self.module.helpers:
+            return name
+        t = ITY[size]
+        base = offset("tlb") + S.tlb_index(self.priv, kind) * 16
+        probe = f"""  %last = add i32 %addr, {size - 1}
+  %page = and i32 %last, -4096
+  %i0 = lshr i32 %addr, 12
+  %idx = and i32 %i0, {S.TLB_SIZE - 1}
+  %i1 = zext i32 %idx to i64
+  %i2 = shl i64 %i1, 4
+  %eo = add i64 %i2, {base}
+  %ent = getelementptr i8, ptr %st, i64 %eo
+  %tag = load i32, ptr %ent
+  %hit = icmp eq i32 %tag, %page
+  br i1 %hit, label %fast, label %slow
+fast:
+  %ap = getelementptr i8, ptr %ent, i64 8
+  %addend = load i64, ptr %ap
+  %a64 = zext i32 %addr to i64
+  %h = add i64 %a64, %addend
+  %hp = inttoptr i64 %h to ptr
+"""
+        if kind == S.TLB_WRITE:
+            v = "%v" if t == "i64" else "%vt"
+            trunc = "" if t == "i64" else f"  %vt = trunc i64 %v to {t}\n"
+            text = f"""define internal void @{name}(ptr %st, i32 %addr, i64 %v) {{
+entry:
+{trunc}{probe}  store {t} {v}, ptr %hp, align 1
+  ret void
+slow:
+  %fpp = getelementptr i8, ptr %st, i64 {offset("store_slow")}
+  %fp = load ptr, ptr %fpp
+  call void %fp(ptr %st, i32 %addr, i64 %v, i32 {size})
+  ret void
+}}
+"""
+        else:
+            ext = "  ret i64 %x\n" if t == "i64" else f"  %r = zext {t} %x to i64\n  ret i64 %r\n"
+            text = f"""define internal i64 @{name}(ptr %st, i32 %addr) {{
+entry:
+{probe}  %x = load {t}, ptr %hp, align 1
+{ext}slow:
+  %fpp = getelementptr i8, ptr %st, i64 {offset("load_slow")}
+  %fp = load ptr, ptr %fpp
+  %s = call i64 %fp(ptr %st, i32 %addr, i32 {size})
+  ret i64 %s
+}}
+"""
+        self.module.helpers[name] = text
+        return name
+
+    def _out_of_line(self, size):
+        return MEM_CALLS and not self.module.region and size in (1, 2, 4, 8)
+
     def load(self, addr, size):
         """Load size bytes at linear address addr (i32); returns iN."""
         t = ITY[size]
         addr = self.f(addr)
         self._prepare_fault_exit()
         self.seg_check(addr, size, False)
+        if self._out_of_line(size):
+            r = self.op(f"call i64 @{self._mem_helper(S.TLB_READ, size)}(ptr %st, i32 {addr.s})", "i64")
+            v = self.trunc(r, t) if t != "i64" else r
+            self._check_fault()
+            return v
         hit, ent = self._tlb_probe(addr, size, S.TLB_READ)
         fast, slow, join = self.new_label("ld"), self.new_label("lds"), self.new_label("ldj")
         self.cbr(hit, fast, slow)
@@ -620,6 +687,12 @@ class Emitter:
         self._prepare_fault_exit()
         size = bits_of(v.t) // 8
         self.seg_check(addr, size, True)
+        if self._out_of_line(size):
+            wide = self.zext(v, "i64") if v.t != "i64" else v
+            self.emit(f"call void @{self._mem_helper(S.TLB_WRITE, size)}(ptr %st, i32 {addr.s}, i64 {wide.s})")
+            self._check_fault()
+            self.smc_check = True
+            return
         hit, ent = self._tlb_probe(addr, size, S.TLB_WRITE)
         fast, slow, join = self.new_label("st"), self.new_label("sts"), self.new_label("stj")
         self.cbr(hit, fast, slow)

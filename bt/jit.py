@@ -35,6 +35,7 @@ class ModuleText:
         self.hot = hot
         self.hots = []
         self.region = region or {}
+        self.helpers = {}             # name -> text of internal functions shared by the module's blocks
         self.functions = []
 
     def declare(self, line):
@@ -61,6 +62,7 @@ class ModuleText:
         parts += [f"@{s} = global ptr null, align 8" for s in self.slots]
         parts += [f"@{c} = global i64 0, align 8" for c in self.counters]
         parts += [f"@{h} = global i32 {self.hot}, align 4" for h in self.hots]
+        parts += self.helpers.values()
         parts += self.functions
         return "\n".join(parts) + "\n"
 
