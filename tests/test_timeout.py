@@ -24,7 +24,8 @@ def _boot(tmp_path, body, *args):
     return out, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("body,clock", [(SPIN, "icount"), (HALT, "icount"), (HALT, "host")])
+@pytest.mark.parametrize("body,clock", [(SPIN, "icount"), (HALT, "icount"), (HALT, "host")],
+                         ids=["spin", "halt-icount", "halt-host"])
 def test_endless_guest_is_stopped(tmp_path, body, clock):
     out, took = _boot(tmp_path, body, "-timeout", "2", "-clock", clock)
     assert out.returncode == 124, out.stderr
