@@ -117,8 +117,13 @@ def _cmd_boot(args):
             print(f"btvm boot: -rtc {args.rtc}: expected base=YYYY-MM-DDTHH:MM:SS (UTC)", file=sys.stderr)
             return 1
         rtc_base = calendar.timegm(when.timetuple())
+    if args.timeout is not None and args.timeout <= 0:
+        print(f"btvm boot: -timeout {args.timeout:g}: expected a positive number of seconds", file=sys.stderr)
+        return 1
+    import time
+    started = time.monotonic()   # -timeout bounds the whole command, over the boots of -reboot too
     while True:
-        result = _boot_once(args, kernel, initrd, rtc_base)
+        result = _boot_once(args, kernel, initrd, rtc_base, started)
         if result is None:
             return 1
         if not result.reset or not args.reboot:
@@ -130,7 +135,7 @@ def _cmd_boot(args):
     return result.status
 
 
-def _boot_once(args, kernel, initrd, rtc_base):
+def _boot_once(args, kernel, initrd, rtc_base, started):
     """One power-on of a fresh machine until it exits; None if the kernel cannot be loaded."""
     from runtime.boot.linux import is_bzimage
     from runtime.boot.multiboot import BootError
@@ -145,7 +150,7 @@ def _boot_once(args, kernel, initrd, rtc_base):
             m.load_multiboot(kernel, args.append or "")
         from runtime.system.console import Console
         with Console(m.pc.uart, None if args.no_stdin else sys.stdin) as console:
-            return m.run(console=console, status_every=args.status)
+            return m.run(console=console, status_every=args.status, timeout=args.timeout, started=started)
     except BootError as exc:
         print(f"btvm boot: {exc}", file=sys.stderr)
         return None
@@ -183,6 +188,9 @@ def build_parser():
     bo.add_argument("-icount", dest="clock", action="store_const", const="icount", help="same as -clock icount")
     bo.add_argument("-status", metavar="SECONDS", type=float, default=None,
                     help="print a status line (guest MIPS, blocks compiled) on stderr every SECONDS")
+    bo.add_argument("-timeout", metavar="SECONDS", type=float, default=None,
+                    help="stop the guest after SECONDS of wall-clock time (also while it spins or is halted): "
+                         "a one-line report with the guest's eip on stderr and exit status 124, as timeout(1)")
     bo.add_argument("-no-stdin", dest="no_stdin", action="store_true",
                     help="do not connect stdin to the serial console")
     bo.add_argument("-reboot", dest="reboot", action="store_true",

@@ -416,6 +416,17 @@ def test_uart_fifo_size_with_loopback_overrun():
     assert not b.inb(0x3FD) & 0x02
 
 
+def test_uart_16450_mode_overrun_replaces_rbr():
+    # PC16550D, LSR bit 1: without FIFOs the next character destroys the unread one.
+    m = Machine()
+    b = m.bus
+    b.outb(0x3FC, 0x10)
+    b.outb(0x3FA, 0x00)
+    b.outb(0x3F8, 0x42)
+    b.outb(0x3F8, 0x43)
+    assert b.inb(0x3FD) & 0x03 == 0x03 and b.inb(0x3F8) == 0x43 and not b.inb(0x3FD) & 0x03
+
+
 def test_uart_thre_interrupt_flow():
     m = Machine()
     b, pic = m.bus, m.pc.pic

@@ -14,8 +14,8 @@ modem status. The character timeout fires 4 character times after the last byte 
 out of a below-trigger RX FIFO (with a clock; without one it is immediate).
 
 Input: ``feed(data)`` is the host side (stdin): lossless, bytes wait in a backlog until the
-RX FIFO has room. ``receive(byte)`` is the wire: a byte arriving with the FIFO (or RBR in
-16450 mode) full is lost and sets OE (loopback uses this, so Linux's FIFO sizing sees 16).
+RX FIFO has room. ``receive(byte)`` is the wire: a byte arriving with the FIFO full is lost
+(in 16450 mode it replaces the unread RBR) and sets OE (loopback uses this, so Linux's FIFO sizing sees 16).
 The INTR output reaches the PIC only while MCR.OUT2 is set and loopback is off, as the
 OUT2-gated IRQ buffer on PC serial cards.
 """
@@ -159,9 +159,12 @@ class UART16550:
             self._update()
 
     def receive(self, byte):
-        """A character arriving on the wire (lost with OE if there is no room)."""
+        """A character arriving on the wire; with no room it sets OE and (PC16550D datasheet, LSR
+        bit 1) replaces the unread RBR in 16450 mode, or is lost with the FIFO full."""
         if len(self.rx) >= self._capacity():
             self.lsr |= LSR_OE
+            if not self.fifo_enabled:
+                self.rx[-1] = byte & 0xFF
         else:
             self.rx.append(byte & 0xFF)
             self._rx_activity()

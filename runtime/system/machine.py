@@ -16,6 +16,7 @@ from .callouts import HANDLERS
 from .syscpu import SystemCPU, TripleFault
 
 SLICE = 20_000
+TIMEOUT_STATUS = 124   # timeout(1)'s status for a command that ran out of time
 
 
 class MachineExit(Exception):
@@ -109,18 +110,26 @@ class Machine:
         except TripleFault as tf:
             raise MachineExit(1, f"btvm: {tf}", reset=True)
 
-    def run(self, console=None, status_every=None):
+    def run(self, console=None, status_every=None, timeout=None, started=None):
         """Run until the guest powers off, exits through isa-debug-exit or fails; returns the status.
 
         console (runtime.system.console.Console) feeds stdin to COM1; status_every (seconds)
-        prints a status line (guest MIPS, blocks compiled) on stderr."""
+        prints a status line (guest MIPS, blocks compiled) on stderr; timeout (seconds of wall
+        clock, counted from the time.monotonic() value started, default now) stops a guest that
+        never ends with status 124, as timeout(1) does."""
         cpu = self.cpu
         import time
         from .console import QuitRequest
         t_last = t0 = time.monotonic()
+        deadline = None if timeout is None else (t0 if started is None else started) + timeout
         i_last = 0
         try:
             while True:
+                # Once per slice (or idle step while halted): a spinning or halted guest is
+                # caught within one slice of the limit.
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise MachineExit(TIMEOUT_STATUS, f"btvm: timeout after {timeout:g} s (-timeout) at "
+                                                      f"eip={cpu.st.eip:#x}" + (" (halted)" if self.halted else ""))
                 self.clock.run_due()
                 if console is not None:
                     console.poll()

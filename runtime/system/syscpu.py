@@ -26,6 +26,14 @@ class TripleFault(Exception):
     pass
 
 
+def _second_page(addr, size):
+    """Where an access's second page is checked: its first byte there (not the access's last
+    byte), which is the address CR2 reports if that page faults (a dword at 0x1FFFFE whose
+    second page is not present faults with CR2 = 0x200000, as on hardware and in QEMU)."""
+    last = (addr + size - 1) & 0xFFFFFFFF
+    return last & ~0xFFF if (addr ^ last) & ~0xFFF else last
+
+
 class SystemCPU(CPU):
     """An i686 in protected mode (no real mode yet) over guest-physical RAM."""
 
@@ -132,7 +140,7 @@ class SystemCPU(CPU):
             user = self.cpl == 3
             try:
                 first = self.translate(addr, bool(probe), user)
-                last = self.translate(addr + size - 1, bool(probe), user) if size > 1 else first
+                last = self.translate(_second_page(addr, size), bool(probe), user) if size > 1 else first
             except PageFault as pf:
                 self._pf(pf)
                 return 0
@@ -144,7 +152,7 @@ class SystemCPU(CPU):
                     self._fill(addr, first[0], S.TLB_READ, first[1])
             else:
                 split = 0x1000 - (addr & 0xFFF)
-                data = self.read_phys(first[0], split) + self.read_phys(last[0] - (size - 1 - split), size - split)
+                data = self.read_phys(first[0], split) + self.read_phys(last[0], size - split)
             return int.from_bytes(data, "little")
         except BaseException as exc:
             self._pending_error = exc
@@ -156,7 +164,7 @@ class SystemCPU(CPU):
             user = self.cpl == 3
             try:
                 first = self.translate(addr, True, user)
-                last = self.translate(addr + size - 1, True, user) if size > 1 else first
+                last = self.translate(_second_page(addr, size), True, user) if size > 1 else first
             except PageFault as pf:
                 self._pf(pf)
                 return
@@ -168,7 +176,7 @@ class SystemCPU(CPU):
                     self._fill(addr, first[0], S.TLB_WRITE, first[1])
             else:
                 split = 0x1000 - (addr & 0xFFF)
-                p2 = last[0] - (size - 1 - split)
+                p2 = last[0]
                 self.write_phys(first[0], data[:split])
                 self.write_phys(p2, data[split:])
                 self._phys_written(first[0], split)
@@ -449,6 +457,10 @@ class SystemCPU(CPU):
         if new_cpl > self.cpl:
             raise GuestFault(GP, selector & 0xFFFC)
         eflags = self.st.eflags
+        if return_eip is None and not software:
+            # A fault (eip at the faulting instruction): the image pushed has RF set, so that
+            # the IRET that restarts the instruction skips its code breakpoint (SDM 17.3.1.1).
+            eflags |= 1 << S.RF
         eip = self.st.eip if return_eip is None else return_eip
         old_cs, old_ss, old_esp = self.segs[S.CS].selector, self.segs[S.SS].selector, self.reg("esp")
         if new_cpl < self.cpl:
@@ -493,7 +505,10 @@ class SystemCPU(CPU):
         rpl = cs & 3
         if rpl < self.cpl:
             raise GuestFault(GP, cs & 0xFFFC)
-        mask = 0x254DD5 | (1 << 1)   # IF and IOPL are added below by privilege
+        # IF and IOPL are added below by privilege.  RF is not loaded: it only suppresses code
+        # breakpoints (which btvm does not have) for the one instruction returned to, after which
+        # the CPU clears it; leaving it set would leak into later interrupt frames and PUSHFs.
+        mask = 0x244DD5 | (1 << 1)
         if self.cpl == 0:
             mask |= (3 << S.IOPL_SHIFT) | (1 << S.IF)
         elif self.cpl <= (self.st.eflags >> S.IOPL_SHIFT) & 3:
