@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def time_to_marker(cmd, timeout, env=None, rss=None, stderr=None):
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env)
     os.set_blocking(p.stdout.fileno(), False)
     seen = b""
+    usage = None            # set when the process is reaped (by wait4 only: Popen must not reap it)
     try:
         while time.monotonic() - t0 < timeout:
             chunk = p.stdout.read()
@@ -44,15 +46,22 @@ def time_to_marker(cmd, timeout, env=None, rss=None, stderr=None):
                 seen += chunk
                 if MARKER in seen:
                     return time.monotonic() - t0
-            elif p.poll() is not None:
+                continue
+            pid, _, u = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                usage = u
                 break
-            else:
-                time.sleep(0.05)
+            time.sleep(0.05)
         return None
     finally:
-        p.kill()
-        _, _, usage = os.wait4(p.pid, 0)
+        if usage is None:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, _, usage = os.wait4(p.pid, 0)
         p.returncode = -9
+        p.stdout.close()
         if rss is not None:
             rss.append(usage.ru_maxrss / 1024)
         if stderr:
