@@ -119,6 +119,14 @@ class CPU:
         self.extra_ns = 0       # virtual time charged beyond one ns per instruction (I/O bus cycles)
         self._enter = _native_enter()
         self._pending_error = None
+        # EFLAGS.TF single-stepping (SDM Vol. 3A 17.3.1.4): a machine that implements it sets
+        # on_single_step(cpu), which delivers the #DB trap (eip already after the instruction).
+        # Without it TF is ignored (btvm exec).  step_event: an exception or interrupt was
+        # delivered during the instruction (it is reported instead of the trap); debug_shadow:
+        # MOV SS / POP SS inhibit the trap at the next instruction boundary (SDM 6.8.3).
+        self.on_single_step = None
+        self.step_event = False
+        self.debug_shadow = False
 
     # ---- registers --------------------------------------------------------------
     def reg(self, name):
@@ -242,6 +250,7 @@ class CPU:
 
     def raise_exception(self, vector, error=None, fault_addr=None):
         """Hand an architectural exception (eip at the faulting instruction) to the machine."""
+        self.step_event = True
         if self.on_exception is None:
             raise Stop("exception", vector=vector, error=error, fault_addr=fault_addr)
         self.on_exception(self, vector, error, fault_addr)
@@ -283,14 +292,30 @@ class CPU:
 
         exact=False lets the run stop up to one block short of max_instructions once it has made
         progress, instead of finishing one instruction at a time: a machine's time slice
-        needs no exact end, and single-step translations at arbitrary places cost compiles."""
+        needs no exact end, and single-step translations at arbitrary places cost compiles.
+
+        With EFLAGS.TF set at an instruction's start (and on_single_step set), the instruction
+        runs alone (KEY_STEP, budget 1) and the #DB trap follows it, unless it delivered an
+        exception or interrupt (a fault, INT n/INT3/INTO) or was MOV SS/POP SS.  Translated code
+        returns here whenever TF may have become set (POPF with TF in the result, IRET, callouts),
+        so code running with TF clear is translated and run as before."""
         st = self.st
         remaining = max_instructions
         stepping = False
+        tf_bit = 1 << S.TF
         while True:
             if remaining is not None and remaining <= 0:
                 return Stop("max_instructions")
-            budget = SLICE if remaining is None else min(SLICE, remaining)
+            tf = bool(st.eflags & tf_bit) and self.on_single_step is not None
+            if tf:
+                budget = 1
+                self.step_event = self.debug_shadow = False
+                if not self.key & S.KEY_STEP:
+                    self.set_key(self.key | S.KEY_STEP)
+            else:
+                budget = SLICE if remaining is None else min(SLICE, remaining)
+                if not stepping and self.key & S.KEY_STEP:
+                    self.set_key(self.key & ~S.KEY_STEP)
             st.budget = budget
             st.tsc_base = (self.icount + self.extra_ns + self.tsc_offset + budget) & 0xFFFFFFFFFFFFFFFF
             opt = self.cache.optimizer
@@ -305,12 +330,15 @@ class CPU:
                 if self._pending_error is not None:
                     err, self._pending_error = self._pending_error, None
                     raise err
+                completed = done
                 if rc == S.EXIT_LOOKUP:
                     self._miss()
                 elif rc == S.EXIT_BUDGET:
-                    if remaining is not None and 0 < remaining < max_instructions and done == 0 and not exact:
+                    if tf:
+                        pass
+                    elif remaining is not None and 0 < remaining < max_instructions and done == 0 and not exact:
                         return Stop("max_instructions")
-                    if remaining is not None and 0 < remaining and done == 0 and not stepping:
+                    elif remaining is not None and 0 < remaining and done == 0 and not stepping:
                         # The next block is longer than what is left: finish one instruction at a time.
                         stepping = True
                         self.set_key(self.key | S.KEY_STEP)
@@ -326,16 +354,24 @@ class CPU:
                         if stop.reason == "hlt":
                             self.icount += 1
                             remaining = None if remaining is None else remaining - 1
+                            if tf and not self.step_event:
+                                # HLT with TF: the #DB trap after it resumes execution (SDM Vol. 2
+                                # HLT: "a debug exception ... will resume execution").
+                                self.on_single_step(self)
+                                continue
                         raise
                     # The handler executed the instruction (it raised otherwise): count it.
                     self.icount += 1
                     remaining = None if remaining is None else remaining - 1
+                    completed = 1
                 elif rc == S.EXIT_SMC:
                     st.smc = 0
                 elif rc == S.EXIT_HOT:
                     self.cache.hot(st.eip, self.key)
                 elif rc == S.EXIT_HLT:
                     raise Stop("hlt")
+                if tf and completed and not self.step_event and not self.debug_shadow:
+                    self.on_single_step(self)
             except GuestFault as f:
                 self.raise_exception(f.vector, f.error, f.fault_addr)
             except Stop as s:

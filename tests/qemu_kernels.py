@@ -6,7 +6,7 @@ time; no CPUID vendor/family/features (btvm reports its own CPU, not QEMU's).
 
 Not covered: #TS (only raised by task switches and the TSS stack switch, where the #TS itself
 would need a task gate to be delivered; btvm has no task gates), #AC (implemented neither by btvm
-nor by QEMU's TCG), #DB from EFLAGS.TF (btvm does not single-step yet), #MF.
+nor by QEMU's TCG), #MF.  EFLAGS.TF single-stepping: tf.
 """
 from tests.reporting import Kernel
 
@@ -575,8 +575,115 @@ tsc_back:
     return k.image()
 
 
+SET_TF = "    pushfd\n    or dword ptr [esp], 0x100\n    popfd\n"
+CLEAR_TF = "    pushfd\n    and dword ptr [esp], 0xfffffeff\n    popfd\n"
+
+
+def tf():
+    """EFLAGS.TF single-stepping (SDM Vol. 3A 17.3.1.4): the #DB hook prints each trap's frame and
+    DR6 (then clears DR6) and IRETs with TF still set.  Nothing prints while TF is set (the UART
+    polling loop would be stepped a speed-dependent number of times).  HLT with TF is not here:
+    QEMU halts without the trap, the SDM has the debug exception resume execution (btvm does,
+    tests/test_system.py)."""
+    k = Kernel("tf")
+    k.asm("""
+    mov dword ptr [hooks + 1*4], db_hook
+    mov dword ptr [scratch], 0
+    mov dword ptr [resume], 0
+    jmp tf_begin
+db_hook:
+""")
+    k.say("  #DB eip=")
+    k.asm("    mov eax, dword ptr [ebp + 8]\n    call hex8")
+    k.say(" cs=")
+    k.asm("    mov eax, dword ptr [ebp + 12]\n    call hex4")
+    k.say(" efl=")
+    k.asm("    mov eax, dword ptr [ebp + 16]\n    and eax, 0xfffeffff\n    call hex8")
+    k.say(" dr6=")
+    k.asm("""
+    mov eax, dr6
+    call hex8
+    xor eax, eax
+    mov dr6, eax
+    inc dword ptr [scratch]
+    cmp dword ptr [scratch], 200
+    jb db_ok
+    and dword ptr [ebp + 16], 0xfffffeff
+db_ok:
+    mov al, 0x0a
+    call putc
+    ret
+tf_begin:
+""")
+    # POPF setting TF is not trapped; each instruction after it is, the POPF clearing TF too.
+    k.say("popf sets TF, popf clears TF\n")
+    k.asm(SET_TF + "    mov eax, 1\n    add eax, 2\n    nop\n" + CLEAR_TF + "    mov ebx, eax\n")
+    # A repeated string instruction traps after each iteration, EIP at it until the last.
+    k.say("rep movsb, 3 iterations\n")
+    k.asm("    mov esi, scratch + 16\n    mov edi, scratch + 32\n    mov ecx, 3\n" + SET_TF
+          + "    rep movsb\n" + CLEAR_TF)
+    sub, over, lp = k.label("tf_sub"), k.label("tf_over"), k.label("tf_loop")
+    k.say("loop, call, jmp, ret\n")
+    k.asm(SET_TF + f"    mov ecx, 2\n{lp}:\n    loop {lp}\n    call {sub}\n    jmp {over}\n{sub}:\n    ret\n{over}:\n"
+          + CLEAR_TF)
+    # INT n / INT3 clear TF in the handler and are not trapped; IRET restores TF, and the
+    # instruction after the INT is trapped.
+    k.say("int 0x80, int3\n")
+    k.asm(SET_TF + "    mov eax, 5\n    int 0x80\n    nop\n    int3\n    nop\n" + CLEAR_TF)
+    # IRET that sets TF: not trapped.  IRET with TF set: trapped, EIP at its target.
+    t1, t2 = k.label("tf_iret"), k.label("tf_iret")
+    k.say("iret sets TF, iret with TF\n")
+    k.asm(f"""
+    pushfd
+    pop eax
+    or eax, 0x100
+    push eax
+    push 0x08
+    mov eax, {t1}
+    push eax
+    iretd
+{t1}:
+    nop
+    pushfd
+    push 0x08
+    mov eax, {t2}
+    push eax
+    iretd
+{t2}:
+    nop
+""" + CLEAR_TF)
+    # MOV SS and POP SS inhibit the trap at the next boundary (SDM 6.8.3); STI does not.
+    k.say("mov ss, pop ss, sti\n")
+    # (MOV SS, AX and POP SS as bytes: keystone gives them an operand-size prefix)
+    k.asm(SET_TF + "    mov ax, 0x10\n    .byte 0x8e, 0xd0\n    nop\n    push 0x10\n    .byte 0x17\n    nop\n"
+                   "    sti\n    nop\n    cli\n" + CLEAR_TF)
+    # A fault in a stepped instruction is delivered instead of the trap (the handler resumes
+    # below with its own EFLAGS: TF clear).
+    end = k.label("tf_fault")
+    k.say("div by 0 under TF\n")
+    k.asm(f"    mov dword ptr [resume], {end}\n" + SET_TF + f"    xor ecx, ecx\n    div ecx\n{end}:\n")
+    # Ring 3: IRET with TF in the image, then POPF clearing and setting TF at CPL 3, INT 0x80.
+    end, user = k.label("tf_r3"), k.label("tf_user")
+    k.say("ring 3\n")
+    k.asm(f"""
+    mov dword ptr [resume], {end}
+    push 0x23
+    push ustack_top
+    push 0x102
+    push 0x1b
+    mov eax, {user}
+    push eax
+    iretd
+{user}:
+    mov ax, 0x23
+    mov ds, ax
+    mov es, ax
+""" + CLEAR_TF + "    nop\n" + SET_TF + f"    nop\n    mov eax, 7\n    int 0x80\n{end}:\n")
+    return k.image()
+
+
 KERNELS = {"exceptions": exceptions, "paging": paging, "rings": rings, "pic_pit": pic_pit, "rtc": rtc,
-           "uart": uart, "tsc": tsc}
+           "uart": uart, "tsc": tsc, "tf": tf}
 
 # Lines where QEMU 7.2's TCG is not what the Intel SDM (or the PC16550D datasheet) says: left out
 # of the recording, and checked in btvm's output for the substring given instead.
@@ -589,6 +696,9 @@ EXCLUDE = {
     ("exceptions", "#GP null ds:"): ("vec=0D err=00000000", "TCG does not check null selectors on access"),
     ("exceptions", "#GP rdmsr unknown msr:"): ("vec=0D err=00000000", "RDMSR of an unimplemented MSR is #GP(0) "
                                                                       "(SDM Vol. 2 RDMSR); TCG returns 0"),
+    ("tf", "  #DB eip=00100355 "): ("efl=00000346", "the single-step trap after STI (SDM Vol. 3A 6.8.3 inhibits it "
+                                                  "after MOV SS/POP SS only; STI blocks maskable interrupts, not "
+                                                  "#DB); QEMU's TCG drops it"),
     ("uart", "MSR loop, MCR=10 "): ("0B", "in loopback the MSR delta bits follow MCR changes (PC16550D "
                                           "datasheet, MCR bit 4); QEMU computes MSR without deltas"),
     ("uart", "MSR loop, MCR=1f "): ("FB", "as above"),

@@ -32,6 +32,7 @@ CASES = {
     "sigsegv": [("sigsegv", [])],
     "sigfpe": [("sigfpe", [])],
     "sigill": [("sigill", [])],
+    "sigtrap_tf": [("sigtrap_tf", [])],
     "exitcode": [("exit_abort", ["abort"]), ("exit_kill", ["kill"]),
                  ("exit_handler", ["handler"])],
     "floatfmt": [("floatfmt", [])],

@@ -209,3 +209,31 @@ def test_fault_frames_have_rf_set_and_iret_does_not_keep_it():
 def test_page_crossing_fault_reports_the_second_pages_first_byte():
     res, r = boot(PAGING + "    mov eax, dword ptr [0x1ffffe]\n")
     assert r["vector"] == 14 and r["cr2"] == 0x200000
+
+
+def test_hlt_with_tf_takes_the_single_step_trap_instead_of_halting():
+    # SDM Vol. 2 HLT: a debug exception resumes execution; the single-step trap after HLT is
+    # delivered (EIP after the HLT, DR6.BS set) rather than the CPU halting with IF clear (which
+    # would power the machine off).  QEMU's TCG halts without the trap (tests/qemu_kernels.py tf).
+    body = """
+    mov dword ptr [0x300100], after_hlt
+    pushfd
+    or dword ptr [esp], 0x100
+    popfd
+    hlt
+after_hlt:
+    nop
+"""
+    m = Machine(ram_mb=8, serial_out=bytearray().extend, icount=True)
+    try:
+        m.load_multiboot(build(body))
+        res = m.run()
+        vals = struct.unpack("<7I", m.cpu.read_phys(RESULTS, 28))
+        after = struct.unpack("<I", m.cpu.read_phys(0x300100, 4))[0]
+        dr6 = m.cpu.dr[6]
+    finally:
+        m.close()
+    r = dict(zip(("vector", "error", "cr2", "eip", "cs", "marker", "eflags"), vals))
+    assert res.status == 0
+    assert r["vector"] == 1 and r["eip"] == after and r["eflags"] & 0x100 and not r["eflags"] & 0x10000, r
+    assert dr6 & 0x4000

@@ -63,6 +63,7 @@ def _popf(e, insn):
         e.set_flag(f, e.bit(new, b))
     keep = S.STATUS_MASK | (1 << S.DF)
     e.set_eflags_other(e.or_(e.and_(new, e.c(~keep & ~(1 << S.RF))), e.c(S.EFLAGS_FIXED1)))
+    return new
 
 
 def _system_mode(e):
@@ -79,12 +80,22 @@ sem("pushf")(pushf)
 
 
 @sem("popfd", callout="popf", ends_block=True,
-     why="may change IF/IOPL depending on CPL and IOPL (silently ignored otherwise)",
-     does="inline at CPL 3 (IF/IOPL masked); at CPL 0-2 ends the block so a newly enabled IF is seen")
+     why="may change IF/IOPL depending on CPL and IOPL (silently ignored otherwise), and TF",
+     does="inline at CPL 3 (IF/IOPL masked; leaves the block if TF is set, for single-stepping); "
+          "at CPL 0-2 ends the block so a newly enabled IF or TF is seen")
 def popf(e, insn):
-    _popf(e, insn)
+    new = _popf(e, insn)
     if _system_mode(e):
         e.exit_code(S.EXIT_LOOKUP, e.c(insn.next))
+    else:
+        # A POPF that sets EFLAGS.TF leaves the block, so that the run loop single-steps from the
+        # next instruction on (runtime/cpu.py CPU.run); with TF clear this is one untaken branch.
+        e._exit_stores(*e._state())     # on the main line: the exit arm reuses the values
+        out, cont = e.new_label("tf"), e.new_label("c")
+        e.cbr(e.bit(new, S.TF), out, cont)
+        e.set_label(out)
+        e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.ninsns - e.k - 1)
+        e.set_label(cont)
 
 
 sem("popf")(popf)

@@ -66,6 +66,7 @@ class Machine:
                      "sysenter"):
             c.callouts[name] = self._gp
         c.on_exception = self._on_exception
+        c.on_single_step = self._single_step
         sg.set_host_disposition(self, 0, None)
 
     def close(self):
@@ -181,6 +182,8 @@ class Machine:
             raise GuestFault(6)
         self.load_segment(dst.reg, v)
         cpu.set_reg("eip", insn.next)
+        if dst.reg == S.SS:
+            cpu.debug_shadow = True      # MOV SS: no single-step trap at the next boundary
 
     def _segload(self, cpu, insn):
         m = insn.mnemonic
@@ -190,6 +193,8 @@ class Machine:
             v = self._uread(esp, 2)
             self.load_segment(seg, v)
             cpu.set_reg("esp", esp + insn.opsize)
+            if seg == S.SS:
+                cpu.debug_shadow = True
         else:
             seg = {"lds": S.DS, "les": S.ES, "lfs": S.FS, "lgs": S.GS, "lss": S.SS}[m]
             a = self._ea(insn.ops[1].mem)
@@ -216,6 +221,9 @@ class Machine:
     # ---- INT and syscalls -------------------------------------------------------------------------
     def _int(self, cpu, insn):
         vec = cpu.st.callout_arg
+        # INT n/INT3/INTO (with OF) enter the kernel through a gate that clears TF: the CPU does
+        # not single-step trap them (Linux synthesizes no trap either without ptrace).
+        cpu.step_event = not (insn.mnemonic == "into" and not cpu.reg("eflags") & (1 << S.OF))
         if insn.mnemonic == "int" and vec == 0x80:
             cpu.set_reg("eip", insn.next)
             self.syscall()
@@ -336,6 +344,11 @@ class Machine:
                 raise Stop("signal", sig=s)
             sg.setup_frame(self, s, info, saved_mask=saved_mask)
             return
+
+    def _single_step(self, cpu):
+        """EFLAGS.TF trap after an instruction: SIGTRAP with si_code TRAP_TRACE and si_addr the next
+        instruction, trapno 1 and err 0 in the sigcontext (Linux exc_debug_user, send_sigtrap)."""
+        self.force_signal(sg.SIGTRAP, (sg.TRAP_TRACE, cpu.reg("eip")), (1, 0, 0))
 
     def _on_exception(self, cpu, vector, error, fault_addr):
         eip = cpu.reg("eip")

@@ -231,7 +231,7 @@ def movspecial(cpu, insn):
             raise GuestFault(UD)
         cpu.load_segment(dst.reg, sel)
         if dst.reg == S.SS:
-            cpu.interrupt_shadow = True
+            cpu.interrupt_shadow = cpu.debug_shadow = True   # no interrupt, no #DB trap after it
         return _next(cpu, insn)
     _ring0(cpu)
     special = dst if dst.kind == "other" else src
@@ -269,7 +269,7 @@ def segload(cpu, insn):
         cpu.load_segment(dst.reg, sel)
         cpu.set_reg("esp", esp + w)
         if dst.reg == S.SS:
-            cpu.interrupt_shadow = True
+            cpu.interrupt_shadow = cpu.debug_shadow = True
         return _next(cpu, insn)
     # LDS/LES/LFS/LGS/LSS r, m16:32
     dst, src = insn.ops

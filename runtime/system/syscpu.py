@@ -57,6 +57,7 @@ class SystemCPU(CPU):
         self.tlb_shadow = TLBShadow()
         super().__init__(mem, S.make_key(cpl=0))
         self.cache.on_install = self._on_install
+        self.on_single_step = SystemCPU.single_step_trap
         self.sync_segments()
 
     # ---- physical memory ------------------------------------------------------------
@@ -416,6 +417,7 @@ class SystemCPU(CPU):
     def deliver(self, vector, error=None, software=False, return_eip=None):
         """Deliver an exception/interrupt through the IDT (eip at the faulting instruction for faults,
         return_eip for traps and software/external interrupts)."""
+        self.step_event = True      # an instruction that delivers an event is not single-step trapped
         prev = self.delivering
         if prev is not None:
             if prev == DF:
@@ -491,6 +493,13 @@ class SystemCPU(CPU):
             fl &= ~(1 << S.IF)
         self.set_eflags(fl)
         self.set_reg("eip", offset)
+
+    def single_step_trap(self):
+        """The #DB trap after an instruction that started with EFLAGS.TF set (SDM Vol. 3A 17.3.1.4):
+        DR6.BS set (B0-B3 cleared, as no breakpoint matched), the frame's EIP the next instruction
+        and its EFLAGS with TF still set; the handler runs with TF clear (_deliver)."""
+        self.dr[6] = (self.dr[6] & ~0xF) | 0x4000
+        self.deliver(DB, return_eip=self.st.eip)
 
     def iret(self):
         """IRET from protected mode (same or outer privilege; no task return, no VM86)."""

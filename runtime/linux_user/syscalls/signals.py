@@ -20,6 +20,7 @@ SYNC = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS}
 UNBLOCKABLE = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1))
 
 SI_USER, SI_KERNEL, SI_TKILL = 0, 0x80, -6
+TRAP_TRACE = 2          # si_code of SIGTRAP from EFLAGS.TF
 
 # Selectors of the flat user segments (GDT entries 4 and 5 on i386 Linux).
 USER_CS, USER_DS = 0x23, 0x2B
