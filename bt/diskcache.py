@@ -183,9 +183,14 @@ class DiskCache:
                 self._merge(logs)
         return self._index
 
+    def _index_dir(self):
+        # One folder per translator version: records of other versions can never hit, and
+        # reading them cost every start-up (seconds once the folder held a few runs' worth).
+        return self.root / INDEX_DIR / self.version[:16]
+
     def _logs(self):
         try:
-            return sorted((self.root / INDEX_DIR).glob("*.log"))
+            return sorted(self._index_dir().glob("*.log"))
         except OSError:
             return []
 
@@ -211,7 +216,7 @@ class DiskCache:
                 if ok:
                     out += _REC.pack(eip, key, wd, n, self._tiers.get(n, 1))
         try:
-            self._atomic_write(self.root / INDEX_DIR / f"merged-{secrets.token_hex(8)}.log", bytes(out))
+            self._atomic_write(self._index_dir() / f"merged-{secrets.token_hex(8)}.log", bytes(out))
         except OSError:
             self.errors += 1
             return
@@ -227,7 +232,7 @@ class DiskCache:
         self._add_records(data)
         try:
             if self._log is None:
-                d = self.root / INDEX_DIR
+                d = self._index_dir()
                 d.mkdir(parents=True, exist_ok=True)
                 self._log = d / f"{os.getpid()}-{secrets.token_hex(6)}.log"
             # Opened for each write, never kept: a user-mode guest shares this process's fd table
@@ -302,8 +307,11 @@ class DiskCache:
             if not d.is_dir():
                 continue
             try:
-                for e in os.scandir(d.path):
-                    if e.name.endswith(".bto"):
+                # Index logs count and age like entries (those of old versions go first).
+                files = os.scandir(d.path) if d.name != INDEX_DIR else \
+                    (e for v in os.scandir(d.path) if v.is_dir() for e in os.scandir(v.path))
+                for e in files:
+                    if e.name.endswith((".bto", ".log")):
                         st = e.stat()
                         out.append((st.st_mtime, st.st_size, e.path))
             except OSError:

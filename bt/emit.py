@@ -623,7 +623,7 @@ fast:
         if kind == S.TLB_WRITE:
             v = "%v" if t == "i64" else "%vt"
             trunc = "" if t == "i64" else f"  %vt = trunc i64 %v to {t}\n"
-            text = f"""define internal void @{name}(ptr %st, i32 %addr, i64 %v) {{
+            text = f"""define internal void @{name}(ptr %st, i32 %addr, i64 %v) nounwind {{
 entry:
 {trunc}{probe}  store {t} {v}, ptr %hp, align 1
   ret void
@@ -636,7 +636,7 @@ slow:
 """
         else:
             ext = "  ret i64 %x\n" if t == "i64" else f"  %r = zext {t} %x to i64\n  ret i64 %r\n"
-            text = f"""define internal i64 @{name}(ptr %st, i32 %addr) {{
+            text = f"""define internal i64 @{name}(ptr %st, i32 %addr) nounwind {{
 entry:
 {probe}  %x = load {t}, ptr %hp, align 1
 {ext}slow:
@@ -872,5 +872,7 @@ entry:
         body = "\n".join(self.lines[:1] + self.entry_lines + self.lines[1:] + self.deferred)
         # noalias: guest memory, the jump cache and chain slots never overlap the CPU state, which
         # lets an optimized region keep state fields in registers across its guest memory accesses.
+        # nounwind: translated code never unwinds, so no .eh_frame: ~16% less memory per loaded
+        # module (measured) and no unwind-table registration.
         attr = "noalias " if self.module.region else ""
-        return f"define i32 @{self.name}(ptr {attr}%st) {{\n{body}\n}}\n"
+        return f"define i32 @{self.name}(ptr {attr}%st) nounwind {{\n{body}\n}}\n"

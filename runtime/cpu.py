@@ -32,7 +32,7 @@ def _native_enter():
     if _enter_fn is None:
         o = S.offset
         ir = f"""
-define i32 @btvm_enter(ptr %st) {{
+define i32 @btvm_enter(ptr %st) nounwind {{
 entry:
   %eipp = getelementptr i8, ptr %st, i64 {o('eip')}
   %eip = load i32, ptr %eipp

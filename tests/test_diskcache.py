@@ -119,8 +119,7 @@ def test_divergent_run_finds_blocks_of_other_batches(tmp_path):
     d = _run(program_d, tmp_path)
     assert d["compiled"] == 1 and d["hits"] >= a["compiled"] - 1
     assert (d["eax"], d["ebx"]) == (ref["eax"], ref["ebx"])
-    from bt import diskcache
-    assert list((tmp_path / diskcache.INDEX_DIR).glob("*.log"))
+    assert list(_index_dirs(tmp_path)[0].glob("*.log"))
 
 
 def test_tier2_regions_are_persisted(tmp_path):
@@ -135,14 +134,28 @@ def test_tier2_regions_are_persisted(tmp_path):
     assert (b["eax"], b["ebx"]) == (b_ref["eax"], b_ref["ebx"])
 
 
+def _index_dirs(root):
+    """The per-version index folders under a cache folder."""
+    from bt import diskcache
+    return sorted(p for p in (Path(root) / diskcache.INDEX_DIR).iterdir() if p.is_dir())
+
+
+def test_index_is_per_version(tmp_path):
+    _run(PROGRAM_A, tmp_path)
+    _run(PROGRAM_A, tmp_path, BTVM_HOT="7")        # another code fingerprint: another version
+    dirs = _index_dirs(tmp_path)
+    assert len(dirs) == 2 and all(list(d.glob("*.log")) for d in dirs)
+
+
 def test_index_logs_are_merged(tmp_path):
     from bt import diskcache
     for _ in range(3):
         _run(PROGRAM_A, tmp_path, BTVM_NO_CACHE="")
+    (index,) = _index_dirs(tmp_path)
     for i in range(diskcache.MERGE_AT):
-        (tmp_path / diskcache.INDEX_DIR / f"junk{i}.log").write_bytes(b"\x01" * 7)     # a torn record: ignored
+        (index / f"junk{i}.log").write_bytes(b"\x01" * 7)     # a torn record: ignored
     _run(PROGRAM_A, tmp_path)
-    logs = list((tmp_path / diskcache.INDEX_DIR).glob("*.log"))
+    logs = list(index.glob("*.log"))
     assert len(logs) <= 2             # the merged one and this run's own (if it stored anything)
     again = _run(PROGRAM_A, tmp_path)
     assert again["compiled"] == 0
