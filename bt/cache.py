@@ -121,13 +121,11 @@ class CodeCache:
         return tb
 
     def _jc_fill(self, tb):
-        h = (tb.eip ^ (tb.eip >> S.JMP_CACHE_BITS)) & (S.JMP_CACHE_SIZE - 1)
-        ent = self.jmp_cache[h]
+        ent = self.jmp_cache[S.jc_hash(tb.eip)]
         ent.eip, ent.key, ent.fn = tb.eip, tb.key, tb.fn
 
     def _jc_drop(self, tb):
-        h = (tb.eip ^ (tb.eip >> S.JMP_CACHE_BITS)) & (S.JMP_CACHE_SIZE - 1)
-        ent = self.jmp_cache[h]
+        ent = self.jmp_cache[S.jc_hash(tb.eip)]
         if ent.fn == tb.fn:
             ent.eip, ent.key, ent.fn = 1, 0xFFFFFFFF, 0
 

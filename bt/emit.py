@@ -826,7 +826,7 @@ entry:
         self.flush()
         self._store_eip(eip)
         jc = self.load_field(offset("jmp_cache"), PTR)
-        h = self.and_(self.xor(eip, self.lshr(eip, self.c(S.JMP_CACHE_BITS))), self.c(S.JMP_CACHE_SIZE - 1))
+        h = self.lshr(self.mul(eip, self.c(S.JMP_CACHE_MULT)), self.c(32 - S.JMP_CACHE_BITS))   # S.jc_hash
         eoff = self.shl(self.zext(h, "i64"), const(4, "i64"))
         ent = self.op(f"getelementptr i8, ptr {jc.s}, i64 {eoff.s}", PTR)
         tag = self.op(f"load i64, ptr {ent.s}", "i64")

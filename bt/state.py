@@ -38,8 +38,17 @@ TLB_READ, TLB_WRITE = 0, 1
 TLB_KINDS = 2
 TLB_PRIVS = 2            # 0: supervisor (CPL 0-2), 1: user (CPL 3)
 
-JMP_CACHE_BITS = 12
+JMP_CACHE_BITS = 14
 JMP_CACHE_SIZE = 1 << JMP_CACHE_BITS
+# Fibonacci hashing of the guest address: the old (eip ^ eip >> 12) folded a busybox loop's eight
+# return targets into four colliding pairs that evicted each other on every iteration (a trip
+# through Python each).  Translated code, the native entry and the code cache use jc_hash's formula.
+JMP_CACHE_MULT = 0x9E3779B1
+
+
+def jc_hash(eip):
+    """Jump-cache bucket of a guest address."""
+    return ((eip * JMP_CACHE_MULT) & 0xFFFFFFFF) >> (32 - JMP_CACHE_BITS)
 
 
 class TLBEntry(ctypes.Structure):

@@ -40,9 +40,8 @@ entry:
   %key = load i32, ptr %keyp
   %jcpp = getelementptr i8, ptr %st, i64 {o('jmp_cache')}
   %jc = load ptr, ptr %jcpp
-  %s = lshr i32 %eip, {S.JMP_CACHE_BITS}
-  %x = xor i32 %eip, %s
-  %h = and i32 %x, {S.JMP_CACHE_SIZE - 1}
+  %x = mul i32 %eip, {S.JMP_CACHE_MULT - (1 << 32) if S.JMP_CACHE_MULT >= 1 << 31 else S.JMP_CACHE_MULT}
+  %h = lshr i32 %x, {32 - S.JMP_CACHE_BITS}
   %h64 = zext i32 %h to i64
   %off = shl i64 %h64, 4
   %ent = getelementptr i8, ptr %jc, i64 %off
