@@ -237,3 +237,20 @@ after_hlt:
     assert res.status == 0
     assert r["vector"] == 1 and r["eip"] == after and r["eflags"] & 0x100 and not r["eflags"] & 0x10000, r
     assert dr6 & 0x4000
+
+
+def test_halted_time_advances_the_tsc_like_the_clock():
+    """With -clock icount a HLT warps virtual time to the next timer; the TSC must move with it
+    (Linux's clocksource watchdog compares the TSC with the PIT and once found it at half speed)."""
+    from runtime.system.machine import Machine
+    m = Machine(ram_mb=8, icount=True)
+    try:
+        fired = []
+        timer = m.clock.timer(lambda when: fired.append(when))
+        t0, tsc0 = m.clock.now_ns(), m.cpu.tsc()
+        timer.mod(t0 + 5_000_000)
+        m.clock.idle()
+        assert fired
+        assert m.clock.now_ns() - t0 == m.cpu.tsc() - tsc0 >= 5_000_000
+    finally:
+        m.close()

@@ -55,8 +55,11 @@ class Timer:
 
 
 class VirtualClock:
-    def __init__(self, icount=None, ns_per_insn=1, host_ns=time.monotonic_ns):
+    def __init__(self, icount=None, ns_per_insn=1, host_ns=time.monotonic_ns, advance=None):
+        """advance(ns), in icount mode, moves the instruction-time source itself forward when
+        virtual time warps (so the CPU's TSC, which counts the same time, keeps step)."""
         self._icount = icount
+        self._advance = advance
         self.ns_per_insn = ns_per_insn
         self._host_ns = host_ns
         self._host_base = host_ns()
@@ -143,7 +146,10 @@ class VirtualClock:
     def warp(self, delta_ns):
         """Move virtual time forward by delta_ns (both modes)."""
         if delta_ns > 0:
-            self._warp += int(delta_ns)
+            if self._icount is not None and self._advance is not None:
+                self._advance(int(delta_ns))
+            else:
+                self._warp += int(delta_ns)
 
     def idle(self, max_ns=None):
         """Wait for the next deadline: icount mode warps virtual time to it, host mode sleeps.

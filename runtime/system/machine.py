@@ -41,7 +41,11 @@ class Machine:
         self.cpu.callouts.update(HANDLERS)
         self.cpu.on_exception = self._exception
         self.cpu.interrupt_shadow = False
-        self.clock = VirtualClock(icount=(lambda: self.cpu.icount + self.cpu.extra_ns) if icount else None)
+        # Halted time (an idle warp) is charged to extra_ns like I/O time: the TSC (instructions +
+        # extra_ns) and the devices then agree; with the warp outside, a halted guest saw its TSC
+        # run at half the PIT's rate ("Marking clocksource 'tsc-early' as unstable").
+        self.clock = VirtualClock(icount=(lambda: self.cpu.icount + self.cpu.extra_ns) if icount else None,
+                                  advance=self._charge_idle)
         out = serial_out or (lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
         self.pc = build_pc(self.bus, self.clock, ram_mb, out, on_reset=self._reset, on_exit=self._debug_exit,
                            rtc_start_time=rtc_base)
@@ -49,6 +53,9 @@ class Machine:
         self.halted = False
 
     # ---- device callbacks ---------------------------------------------------------------------------
+    def _charge_idle(self, ns):
+        self.cpu.extra_ns += ns
+
     def _reset(self):
         raise MachineExit(0, "guest requested a reset", reset=True)
 
