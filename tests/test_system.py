@@ -254,3 +254,19 @@ def test_halted_time_advances_the_tsc_like_the_clock():
         assert m.clock.now_ns() - t0 == m.cpu.tsc() - tsc0 >= 5_000_000
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("ss0,why", [(0, "null"), (0x08, "code segment"), (0x7F8, "beyond the GDT"),
+                                      (0x13, "RPL 3"), (0x23, "DPL 3 data")])
+def test_bad_ss0_in_the_tss_is_ts_and_ends_in_a_triple_fault(ss0, why):
+    """A ring 3 -> 0 transition whose TSS SS0 is unusable raises #TS (SDM 6.12.1.1); #TS itself
+    needs the same stack switch, so with no task gate the machine shuts down."""
+    res, r = boot(ring0=f"    mov dword ptr [tss + 8], {ss0}\n", ring3="    int 0x80\n")
+    assert res.status != 0 and "triple fault" in res.message, (why, res.message)
+
+
+def test_not_present_ss0_is_ss_fault():
+    """A present-bit-clear SS0 descriptor is #SS(selector), not #TS; it also cascades here."""
+    res, r = boot(ring0="    and byte ptr [gdt + 0x10 + 5], 0x7f\n    mov dword ptr [tss + 8], 0x10\n",
+                  ring3="    int 0x80\n")
+    assert res.status != 0 and "triple fault" in res.message

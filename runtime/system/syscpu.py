@@ -472,8 +472,7 @@ class SystemCPU(CPU):
             ss0 = int.from_bytes(self.read_lin(tss + 8 + 8 * new_cpl, 2, user=False), "little")
             self._cpl_override = new_cpl
             try:
-                lo2, hi2, _ = self.descriptor(ss0, TS)
-                ss = decode(lo2, hi2, ss0)
+                ss = self._inner_stack(ss0, new_cpl)
                 self.segs[S.SS] = ss
                 self.set_reg("esp", esp0)
                 frame = [old_ss, old_esp, eflags, old_cs, eip]
@@ -493,6 +492,20 @@ class SystemCPU(CPU):
             fl &= ~(1 << S.IF)
         self.set_eflags(fl)
         self.set_reg("eip", offset)
+
+    def _inner_stack(self, ss0, new_cpl):
+        """The stack segment named by the TSS for a transition to new_cpl, checked as the SDM's
+        interrupt pseudocode does: #TS(selector) unless it is a present-or-not writable data
+        segment with RPL = DPL = new_cpl, #TS(0) if null, #SS(selector) if not present."""
+        if ss0 & ~3 == 0:
+            raise GuestFault(TS, 0)
+        lo, hi, _ = self.descriptor(ss0, TS)
+        ss = decode(lo, hi, ss0)
+        if ss0 & 3 != new_cpl or ss.dpl != new_cpl or not ss.writable:
+            raise GuestFault(TS, ss0 & 0xFFFC)
+        if not ss.present:
+            raise GuestFault(SS_, ss0 & 0xFFFC)
+        return ss
 
     def single_step_trap(self):
         """The #DB trap after an instruction that started with EFLAGS.TF set (SDM Vol. 3A 17.3.1.4):
