@@ -31,6 +31,9 @@ pytestmark = pytest.mark.skipif(not BUSYBOX.is_file(),
 ENV = {"HOME": "/nonexistent", "LC_ALL": "C", "TZ": "UTC", "TERM": "dumb", "BBTEST": "value with  spaces"}
 
 # Shell language: loops, functions, pipes, substitution, background jobs, signals, expansions.
+# (`wait $!` after `kill` prints "Terminated" only if the child dies while ash waits; if ash reaped
+# it earlier - a slower shell, as under btvm with a cold cache - it prints nothing: a race in the
+# script, not a difference in behaviour, so that message is discarded.)
 SHELL = r"""
 i=0; while [ $i -lt 300 ]; do i=$((i+1)); done; echo "while: $i"
 n=0; until [ $n -ge 3 ]; do n=$((n+1)); echo "until: $n"; done
@@ -49,7 +52,7 @@ sleep 0.2 & p1=$!
 (echo bg-two > bg2.txt; exit 6) & p2=$!
 wait $p1; echo "wait p1=$?"; wait $p2; echo "wait p2=$?"; cat bg2.txt
 for k in 1 2 3; do (echo "job $k" > job$k.txt) & done; wait; cat job1.txt job2.txt job3.txt
-sleep 10 & kill -TERM $!; wait $!; echo "killed rc=$?"
+sleep 10 & kill -TERM $!; wait $! 2>/dev/null; echo "killed rc=$?"
 trap 'echo trapped USR1' USR1; kill -USR1 $$; echo after-trap
 case foo.txt in *.c) echo c;; *.txt) echo case-txt;; *) echo other;; esac
 set -- x "y z" w; echo "argc=$# 2=[$2] all=$*"; shift; echo "after shift: $1"
