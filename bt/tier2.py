@@ -56,6 +56,13 @@ class Optimizer:
         self._wake = threading.Condition()
         self._thread = None
         self.inflight = 0            # submitted and not yet in done
+        # Held by the worker for a whole compile.  llvmlite serializes every LLVM call with one
+        # process-wide lock; a fork (a user-mode guest's fork) while the worker held it would leave
+        # the child's LLVM locked forever.  So fork waits for the compile in progress, and the
+        # child starts without a worker (its guest forked; its own code cache goes on).
+        self._busy = threading.Lock()
+        os.register_at_fork(before=lambda: self._busy.acquire(), after_in_parent=lambda: self._busy.release(),
+                            after_in_child=self._after_fork_in_child)
 
     def submit(self, job):
         if self.sync:
@@ -75,9 +82,20 @@ class Optimizer:
                 while not self._todo:
                     self._wake.wait()
                 job = self._todo.popleft()
-            self._run(job)
+            with self._busy:
+                self._run(job)
             with self._wake:
                 self.inflight -= 1
+
+    def _after_fork_in_child(self):
+        for job in self._todo:
+            for t in job.old:
+                t.promoting = False
+        self._todo.clear()
+        self._busy = threading.Lock()
+        self._wake = threading.Condition()
+        self._thread = None
+        self.inflight = 0
 
     def _run(self, job):
         t0 = time.perf_counter()

@@ -180,3 +180,46 @@ def test_profile_reports_tier2(tmp_path):
     assert t2["blocks"] > 0 and t2["compile_seconds"] > 0
     assert r["compiled_blocks"] == t1["blocks"] + t2["blocks"]
     assert any("2" in h["tier"] for h in r["hottest"])
+
+
+def test_fork_while_the_optimizer_compiles(monkeypatch):
+    """A fork (a user-mode guest's) in the middle of a background compile: the child must still be
+    able to compile (llvmlite's global lock is not left held by a thread that no longer exists)."""
+    import os
+    opt = tier2.Optimizer(sync=False)
+    code = asm("mov ecx, 300; l: add eax, ecx; xor eax, 0x77; dec ecx; jnz l; hlt", 0x1000)
+    monkeypatch.setenv("BTVM_NO_CACHE", "1")
+    monkeypatch.setattr(tier2, "THRESHOLD", 8)
+    monkeypatch.setattr(tier2, "_shared", opt)
+    for _ in range(3):
+        sn = Snippet(trace_writes=False)
+        sn.mem.write(0x1000, code)
+        sn.cpu.set_reg("eip", 0x1000)
+        sn.cpu.run(10**6)                      # leaves a region compiling in the background
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sn2 = Snippet(trace_writes=False)
+                sn2.mem.write(0x2000, asm("mov eax, 5; add eax, 6; hlt", 0x2000))
+                sn2.cpu.set_reg("eip", 0x2000)
+                sn2.cpu.run(100)
+                grandchild = os.fork()         # the child forks too (its fork handlers must work)
+                if grandchild == 0:
+                    os._exit(0)
+                os.waitpid(grandchild, 0)
+                os._exit(0 if sn2.cpu.reg("eax") == 11 else 1)
+            except BaseException:
+                os._exit(2)
+        sn.close()
+        deadline = __import__("time").monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if __import__("time").monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise AssertionError("the forked child hung")
+            __import__("time").sleep(0.01)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    opt.wait_idle()
