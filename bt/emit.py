@@ -116,7 +116,7 @@ def const(value, t):
     return V(str(value), t)
 
 
-_SS, _GP = 12, 13
+_SS, _GP, _AC = 12, 13, 17
 _FLAG_ORDER = tuple(S.FLAG_BIT.items())
 _ALL_FLAGS_MASK = S.STATUS_MASK | (1 << S.DF)
 
@@ -652,12 +652,66 @@ entry:
     def _out_of_line(self, size):
         return MEM_CALLS and not self.module.region and size in (1, 2, 4, 8)
 
-    def load(self, addr, size):
-        """Load size bytes at linear address addr (i32); returns iN."""
+    def _ac_helper(self, write):
+        """Name of the module's internal function that raises #AC for a misaligned access: it
+        first probes the access through the slow path (load_slow with 0x100|size for a write,
+        0x200|size for a read: no access), so that a #PF, which has priority (SDM Vol. 3A
+        Table 6-2), is raised instead; then it records #AC(0).  Either way st.fault is set."""
+        name = f"btvm_ac_{'w' if write else 'r'}"
+        if name in self.module.helpers:
+            return name
+        flag = 0x100 if write else 0x200
+        self.module.helpers[name] = f"""define internal void @{name}(ptr %st, i32 %addr, i32 %size) nounwind {{
+entry:
+  %fpp = getelementptr i8, ptr %st, i64 {offset("load_slow")}
+  %fp = load ptr, ptr %fpp
+  %sz = or i32 %size, {flag}
+  %r = call i64 %fp(ptr %st, i32 %addr, i32 %sz)
+  %fa = getelementptr i8, ptr %st, i64 {offset("fault")}
+  %f = load i32, ptr %fa
+  %pf = icmp ne i32 %f, 0
+  br i1 %pf, label %done, label %ac
+ac:
+  %va = getelementptr i8, ptr %st, i64 {offset("exc_vector")}
+  store i32 {_AC}, ptr %va
+  %ea = getelementptr i8, ptr %st, i64 {offset("exc_error")}
+  store i32 0, ptr %ea
+  store i32 1, ptr %fa
+  br label %done
+done:
+  ret void
+}}
+"""
+        return name
+
+    def align_check(self, addr, size, write, align=None):
+        """#AC(0) (SDM Vol. 3A 6.15) if addr is not a multiple of align (default: size for
+        2, 4 and 8 bytes).  Emitted only under KEY_AC (CR0.AM, EFLAGS.AC, CPL 3): other code
+        is translated without it, so alignment checking costs nothing unless it is enabled."""
+        if not self.key & S.KEY_AC:
+            return
+        if align is None:
+            align = size if size in (2, 4, 8) else 1
+        if align <= 1:
+            return
+        mis = self.icmp("ne", self.and_(addr, self.c(align - 1)), self.c(0))
+        if cval(mis) == 0:
+            return
+        lab, cont = self.new_label("ac"), self.new_label("c")
+        self.cbr(mis, lab, cont)
+        self.set_label(lab)
+        self.emit(f"call void @{self._ac_helper(write)}(ptr %st, i32 {addr.s}, i32 {size})")
+        self.br(self._fault_exit_label())
+        self.set_label(cont)
+
+    def load(self, addr, size, align=None):
+        """Load size bytes at linear address addr (i32); returns iN.  align: the alignment
+        #AC requires (Emitter.align_check; default the natural one, 1 for none)."""
         t = ITY[size]
         addr = self.f(addr)
         self._prepare_fault_exit()
         self.seg_check(addr, size, False)
+        self.align_check(addr, size, False, align)
         if self._out_of_line(size):
             r = self.op(f"call i64 @{self._mem_helper(S.TLB_READ, size)}(ptr %st, i32 {addr.s})", "i64")
             v = self.trunc(r, t) if t != "i64" else r
@@ -681,12 +735,13 @@ entry:
         self.set_label(join)
         return self.phi(t, [(v_fast, fast_end), (v_slow, slow_end)])
 
-    def store(self, addr, v):
-        """Store v (iN) at linear address addr (i32)."""
+    def store(self, addr, v, align=None):
+        """Store v (iN) at linear address addr (i32); align as for load."""
         addr, v = self.f(addr), self.f(v)
         self._prepare_fault_exit()
         size = bits_of(v.t) // 8
         self.seg_check(addr, size, True)
+        self.align_check(addr, size, True, align)
         if self._out_of_line(size):
             wide = self.zext(v, "i64") if v.t != "i64" else v
             self.emit(f"call void @{self._mem_helper(S.TLB_WRITE, size)}(ptr %st, i32 {addr.s}, i64 {wide.s})")
@@ -708,14 +763,16 @@ entry:
         self.set_label(join)
         self.smc_check = True
 
-    def probe_write(self, addr, size):
+    def probe_write(self, addr, size, align=1):
         """Fault now (precisely) if a later store of size bytes at addr would fault.
 
         Used by instructions that store more than once, so that the first
-        store cannot land when a later one faults."""
+        store cannot land when a later one faults.  align: the alignment #AC requires of
+        the whole operand (default none: the stores check their own)."""
         addr = self.f(addr)
         self._prepare_fault_exit()
         self.seg_check(addr, size, True)
+        self.align_check(addr, size, True, align)
         hit, _ = self._tlb_probe(addr, size, S.TLB_WRITE)
         slow, join = self.new_label("pw"), self.new_label("pwj")
         self.cbr(hit, join, slow)

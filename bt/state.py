@@ -141,12 +141,14 @@ KEY_FPU_EM = 1 << 9      # CR0.EM: x87 instructions raise #NM
 KEY_FPU_TS = 1 << 10     # CR0.TS: x87 instructions raise #NM (WAIT only with CR0.MP)
 KEY_FPU_MP = 1 << 11     # CR0.MP
 KEY_FS_FULL = 1 << 12    # FS is usable, 4 GiB, writable (Linux's per-cpu segment): FS accesses unchecked
+KEY_AC = 1 << 13         # alignment checking: CR0.AM, EFLAGS.AC and CPL 3 all hold (Emitter.align_check)
 
 
-def make_key(cs32=True, pe=True, pg=False, cpl=0, flat=True, step=False, iopl=0, fs_full=True):
+def make_key(cs32=True, pe=True, pg=False, cpl=0, flat=True, step=False, iopl=0, fs_full=True, ac=False):
+    """ac: CR0.AM and EFLAGS.AC are set (KEY_AC is set only if cpl is 3 too)."""
     return ((KEY_CS32 if cs32 else 0) | (KEY_PE if pe else 0) | (KEY_PG if pg else 0)
             | (cpl << KEY_CPL_SHIFT) | (KEY_FLAT if flat else 0) | (KEY_STEP if step else 0)
-            | (iopl << KEY_IOPL_SHIFT) | (KEY_FS_FULL if fs_full else 0))
+            | (iopl << KEY_IOPL_SHIFT) | (KEY_FS_FULL if fs_full else 0) | (KEY_AC if ac and cpl == 3 else 0))
 
 
 SEG_EMPTY = (0xFFFFFFFF, 0)   # a (lo, hi) range no access fits in (lo > hi)

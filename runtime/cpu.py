@@ -143,12 +143,24 @@ class CPU:
             self.st.eip = value
         elif name == "eflags":
             self.st.eflags = (value | S.EFLAGS_FIXED1) & ~((1 << 3) | (1 << 5) | (1 << 15)) & 0x3F7FD7
+            self.sync_ac()
         else:
             raise KeyError(name)
 
     @property
     def cpl(self):
         return S.key_cpl(self.key)
+
+    # CR0.AM for machines without control registers: `btvm run` sets it, as Linux does on i386,
+    # so that EFLAGS.AC at CPL 3 enables alignment checking (SystemCPU reads its CR0).
+    cr0_am = False
+
+    def sync_ac(self):
+        """Set KEY_AC in the key iff CR0.AM, EFLAGS.AC and CPL 3 hold (after EFLAGS.AC may have
+        changed: set_reg("eflags"), a CPL-3 POPF, which leaves its block when it flips AC)."""
+        want = S.KEY_AC if self.st.eflags & (1 << S.AC) and S.key_cpl(self.key) == 3 and self.cr0_am else 0
+        if self.key & S.KEY_AC != want:
+            self.set_key((self.key & ~S.KEY_AC) | want)
 
     def set_key(self, key):
         if key != self.key:
@@ -185,12 +197,13 @@ class CPU:
 
     def _load_slow(self, _st, addr, size):
         try:
-            probe = size & 0x100
+            # 0x100|size: a write-permission probe, 0x200|size: a read probe (no access)
+            probe, write = size & 0x300, size & 0x100
             size &= 0xFF
-            need = W if probe else R
+            need = W if write else R
             bad = self.mem.check(addr, size, need)
             if bad is not None:
-                self._fault(bad, bool(probe))
+                self._fault(bad, bool(write))
                 return 0
             if probe:
                 return 0
@@ -256,6 +269,7 @@ class CPU:
 
     def _miss(self):
         st = self.st
+        self.sync_ac()
         eip = st.eip
         try:
             tb = self.cache.get(eip, self.key)

@@ -94,6 +94,8 @@ common:
     pop eax
     mov dword ptr [results], eax
     mov dword ptr [results + 12], 0
+    cmp eax, 17
+    je has_err
     cmp eax, 8
     je has_err
     cmp eax, 10

@@ -57,13 +57,14 @@ def _popf(e, insn):
     v, esp = e.pop(w)
     v = e.zext(v, "i32")
     mask = popf_mask(e.key, w)
-    new = e.or_(e.and_(v, e.c(mask)), e.and_(eflags_value(e), e.c(~mask)))
+    old = eflags_value(e)
+    new = e.or_(e.and_(v, e.c(mask)), e.and_(old, e.c(~mask)))
     e.set_reg32(ESP, esp)
     for f, b in S.FLAG_BIT.items():
         e.set_flag(f, e.bit(new, b))
     keep = S.STATUS_MASK | (1 << S.DF)
     e.set_eflags_other(e.or_(e.and_(new, e.c(~keep & ~(1 << S.RF))), e.c(S.EFLAGS_FIXED1)))
-    return new
+    return new, old
 
 
 def _system_mode(e):
@@ -84,15 +85,18 @@ sem("pushf")(pushf)
      does="inline at CPL 3 (IF/IOPL masked; leaves the block if TF is set, for single-stepping); "
           "at CPL 0-2 ends the block so a newly enabled IF or TF is seen")
 def popf(e, insn):
-    new = _popf(e, insn)
+    new, old = _popf(e, insn)
     if _system_mode(e):
         e.exit_code(S.EXIT_LOOKUP, e.c(insn.next))
     else:
         # A POPF that sets EFLAGS.TF leaves the block, so that the run loop single-steps from the
-        # next instruction on (runtime/cpu.py CPU.run); with TF clear this is one untaken branch.
+        # next instruction on (runtime/cpu.py CPU.run); so does one that changes EFLAGS.AC, so that
+        # the run loop switches KEY_AC (alignment checking, CPU.sync_ac) from the next instruction
+        # on.  Otherwise this is one untaken branch.
         e._exit_stores(*e._state())     # on the main line: the exit arm reuses the values
         out, cont = e.new_label("tf"), e.new_label("c")
-        e.cbr(e.bit(new, S.TF), out, cont)
+        go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(1 << S.AC)))
+        e.cbr(e.icmp("ne", go, e.c(0)), out, cont)
         e.set_label(out)
         e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.ninsns - e.k - 1)
         e.set_label(cont)

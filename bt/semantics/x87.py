@@ -124,6 +124,9 @@ def _memcpy(e, dst_off, src_off, n):
     e.emit(f"call void @llvm.memcpy.p0.p0.i64(ptr {d.s}, ptr {s.s}, i64 {n}, i1 false)")
 
 
+_AC_ALIGN = {10: 8, 28: 4, 108: 4}
+
+
 def _pieces(n):
     k = 0
     while k < n:
@@ -175,12 +178,15 @@ def x87(e, insn):
         size, kind = MEM[key]
         mop = next(o for o in insn.ops if o.kind == "mem")
         addr = e.mem_addr(mop.mem)
+        # #AC alignment of the whole operand (SDM Vol. 3A Table 6-7): m80 8, FSTENV/FSAVE images
+        # 4 (32-bit operand size), else its size; checked once, on the first piece (or the probe).
+        align = _AC_ALIGN.get(size, size)
         if kind == "r":
             for k, n in _pieces(size):
                 a = addr if k == 0 else e.lin_add(addr, k)
-                e.store_field(OFF + BUF + k, e.load(a, n))
+                e.store_field(OFF + BUF + k, e.load(a, n, align if k == 0 else 1))
         elif size > 8:
-            e.probe_write(addr, size)
+            e.probe_write(addr, size, align)
         code = bytes([opc, 0x80 | (reg << 3) | 7]) + BUF.to_bytes(4, "little")
     else:
         code = bytes([opc, modrm])
@@ -191,7 +197,7 @@ def x87(e, insn):
             _memcpy(e, BUF + S.FPU_FIP, S.FPU_FIP, 16)
         for k, n in _pieces(size):
             a = addr if k == 0 else e.lin_add(addr, k)
-            e.store(a, e.load_field(OFF + BUF + k, f"i{8 * n}"))
+            e.store(a, e.load_field(OFF + BUF + k, f"i{8 * n}"), align if k == 0 and size <= 8 else 1)
     # The instruction and data pointers of the new state.
     if not control:
         _memcpy(e, NEW + S.FPU_FIP, S.FPU_FIP, 16)

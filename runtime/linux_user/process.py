@@ -36,6 +36,7 @@ class Machine:
         self.mem = GuestMemory()
         self.mapped = bytearray(1 << 20)          # one byte per page: 1 if mapped (any permission)
         self.cpu = CPU(self.mem, S.make_key(cpl=3))
+        self.cpu.cr0_am = True      # Linux sets CR0.AM: EFLAGS.AC makes misaligned accesses SIGBUS
         self.tls = {}
         self.sig = sigstate or sg.SignalState()
         self.reserved_fds = set()

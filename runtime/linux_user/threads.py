@@ -79,6 +79,7 @@ class Scheduler:
         m, st = self.m, self.m.cpu.st_addr
         ctypes.memmove(st, bytes(t.ctx), CTX_SIZE)
         ctypes.memmove(st + FPU, t.fpu, FPU_SIZE)
+        m.cpu.sync_ac()          # the thread's EFLAGS.AC
         m.tls, m.clear_child_tid = t.tls, t.clear_child_tid
         m.sig.mask, m.sig.altstack, m.sig.pending = t.mask, t.altstack, t.pending
         t.ctx = t.fpu = None

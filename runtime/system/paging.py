@@ -3,6 +3,7 @@
 
 P, RW, US, A, D, PS, G = 1, 2, 4, 0x20, 0x40, 0x80, 0x100
 CR0_PE, CR0_MP, CR0_EM, CR0_TS, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 4, 8, 0x10, 0x20, 1 << 16, 1 << 31
+CR0_AM = 1 << 18
 CR4_TSD, CR4_DE, CR4_PSE, CR4_PAE, CR4_PGE = 4, 8, 0x10, 0x20, 0x80
 
 

@@ -15,7 +15,7 @@ from runtime.cpu import CPU, GuestFault, Stop
 
 from .descriptors import FULL, Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
 from .tlb import TLBShadow
-from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR0_EM, CR0_TS, CR0_MP, CR4_PSE, CR4_PGE, CR4_TSD
+from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR0_EM, CR0_TS, CR0_MP, CR0_AM, CR4_PSE, CR4_PGE, CR4_TSD
 
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_, GP, PF, MF, AC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17
 CONTRIBUTORY = {DE, TS, NP, SS_, GP}
@@ -136,12 +136,13 @@ class SystemCPU(CPU):
 
     def _load_slow(self, _st, addr, size):
         try:
-            probe = size & 0x100
+            # 0x100|size: a write-permission probe, 0x200|size: a read probe (no access)
+            probe, write = size & 0x300, bool(size & 0x100)
             size &= 0xFF
             user = self.cpl == 3
             try:
-                first = self.translate(addr, bool(probe), user)
-                last = self.translate(_second_page(addr, size), bool(probe), user) if size > 1 else first
+                first = self.translate(addr, write, user)
+                last = self.translate(_second_page(addr, size), write, user) if size > 1 else first
             except PageFault as pf:
                 self._pf(pf)
                 return 0
@@ -277,7 +278,12 @@ class SystemCPU(CPU):
         cache.forget_instructions()
         self.counters_switches = getattr(self, "counters_switches", 0) + 1
 
+    @property
+    def cr0_am(self):
+        return bool(self.cr0 & CR0_AM)
+
     def _miss(self):
+        self.sync_ac()      # a CPL-3 POPF that changed EFLAGS.AC left its block to come here
         eip, key = self.st.eip, self.key
         tb = self.cache.blocks.get((eip, key))
         if tb is not None:
@@ -314,7 +320,8 @@ class SystemCPU(CPU):
             self.segs[i].base == 0 and self.segs[i].ranges() == (FULL, FULL) for i in (S.ES, S.SS, S.DS))
         key = S.make_key(cs32=self.segs[S.CS].db, pe=bool(self.cr0 & CR0_PE), pg=bool(self.cr0 & CR0_PG),
                          cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3,
-                         fs_full=self.segs[S.FS].ranges() == (FULL, FULL))
+                         fs_full=self.segs[S.FS].ranges() == (FULL, FULL),
+                         ac=bool(self.cr0 & CR0_AM and self.st.eflags & (1 << S.AC)))
         key |= self.key & S.KEY_STEP
         key |= (S.KEY_FPU_EM if self.cr0 & CR0_EM else 0) | (S.KEY_FPU_TS if self.cr0 & CR0_TS else 0) \
             | (S.KEY_FPU_MP if self.cr0 & CR0_MP else 0)
