@@ -225,3 +225,24 @@ def test_dead_flags_are_not_emitted():
 ])
 def test_lazy_ir_verifies(src):
     _block_ir(asm(src))
+
+
+def test_folder_size_is_kept_in_a_file(tmp_path):
+    """The first store of a run reads the folder's size from a file instead of listing the folder
+    (seconds with a few GB of entries); eviction lists it and writes the exact figure."""
+    from bt.diskcache import DiskCache
+    d = DiskCache(tmp_path, "test", max_bytes=40_000)
+    mem = {0x1000 * i: bytes([i]) * 64 for i in range(1, 60)}
+    fetch = lambda a, n: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + n]   # noqa: E731
+    d.store(1, [(0x1000, fetch(0x1000, 8), fetch(0x1000, 32), 1, "f1", [])], b"\xcc" * 2000)
+    assert int((tmp_path / DiskCache.SIZE_FILE).read_text()) > 0
+    d2 = DiskCache(tmp_path, "test", max_bytes=40_000)
+    d2._entries = lambda: (_ for _ in ()).throw(AssertionError("listed the folder"))
+    d2.store(1, [(0x2000, fetch(0x2000, 8), fetch(0x2000, 32), 1, "f2", [])], b"\xcc" * 2000)
+    del d2._entries
+    for i in range(3, 60):
+        d2.store(1, [(0x1000 * i, fetch(0x1000 * i, 8), fetch(0x1000 * i, 32), 1, f"f{i}", [])], b"\xcc" * 2000)
+    total = sum(p.stat().st_size for p in Path(tmp_path).rglob("*.bto")) + \
+        sum(p.stat().st_size for p in Path(tmp_path).rglob("*.log"))
+    assert total <= 40_000
+    assert int((tmp_path / DiskCache.SIZE_FILE).read_text()) <= 40_000
