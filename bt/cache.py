@@ -102,6 +102,7 @@ class CodeCache:
         self.insns_by_page = {}               # page -> keys of self.insns
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
+        self.last_compile = 0.0               # perf_counter() of the last tier-1 compile
         self.compile_log = []                 # (time, blocks, seconds) per batch
         if TRACK is not None:
             TRACK.append(self)
@@ -215,6 +216,7 @@ class CodeCache:
             self.counters["compiled_blocks"] += len(pending)
             self.counters["batches"] += 1
             self.compile_log.append((time.perf_counter(), len(pending), dt))
+            self.last_compile = time.perf_counter()
             for blk, name, sl in pending:
                 tb = TB(blk, fns[name], [slots[s] for s in sl], name)
                 self._attach_counter(tb)
@@ -390,6 +392,10 @@ class CodeCache:
         tb = self.blocks.get((eip, key))
         if tb is None or tb.tier != 1 or tb.promoting or self.optimizer is None:
             return
+        if not self.optimizer.sync and time.perf_counter() - self.last_compile < tier2.QUIET:
+            self._rearm(tb)
+            self.counters["tier2_deferred"] += 1
+            return
         region = self._region(tb)
         uid = secrets.token_hex(4)
         names = {b.eip: f"t{b.eip:08x}_{key:x}_{uid}" for _, b in region}
@@ -439,6 +445,12 @@ class CodeCache:
                 if s is not None and s.tier == 1 and not s.promoting and self._runs(s) >= warm:
                     todo.append(s)
         return out
+
+    def _rearm(self, tb):
+        """Let a tier-1 block count down to EXIT_HOT again."""
+        addr = self.jit.engine.get_global_value_address(tb.name + "_h")
+        if addr:
+            ctypes.c_int32.from_address(addr).value = self.hot_threshold
 
     def _runs(self, tb):
         """Executions of a tier-1 block so far (from its hot counter)."""

@@ -149,6 +149,7 @@ def test_region_finished_after_its_machine_is_gone(monkeypatch):
     machine meeting the same code takes the region (and nothing touches the closed memory)."""
     monkeypatch.setenv("BTVM_NO_CACHE", "1")
     monkeypatch.setattr(tier2, "THRESHOLD", 16)
+    monkeypatch.setattr(tier2, "QUIET", 0)          # promote even right after a tier-1 compile
     opt = tier2.Optimizer(sync=False)
     monkeypatch.setattr(tier2, "_shared", opt)
     code = asm("mov ecx, 400; l: add eax, ecx; ror eax, 5; xor eax, 0x1234; dec ecx; jnz l; hlt", 0x1000)
@@ -166,6 +167,25 @@ def test_region_finished_after_its_machine_is_gone(monkeypatch):
     (a, first), (b, second) = results
     assert a == b and first["tier2_regions"] >= 1
     assert second["tier2_adopted"] >= 1
+
+
+def test_promotion_waits_while_tier1_compiles(monkeypatch):
+    """Right after a tier-1 compile a hot block is re-armed, not sent to the background optimizer
+    (whose LLVM calls would stall tier 1 behind llvmlite's lock); it is promoted once tier 1 is quiet."""
+    monkeypatch.setenv("BTVM_NO_CACHE", "1")
+    monkeypatch.setattr(tier2, "THRESHOLD", 50)
+    monkeypatch.setattr(tier2, "QUIET", 3600)        # tier 1 is always "busy"
+    monkeypatch.setattr(tier2, "_shared", tier2.Optimizer(sync=False))
+    code = asm("mov ecx, 400; l: add eax, ecx; ror eax, 7; dec ecx; jnz l; hlt", 0x1000)
+    sn = Snippet(trace_writes=False)
+    try:
+        sn.mem.write(0x1000, code)
+        sn.cpu.set_reg("eip", 0x1000)
+        sn.cpu.run(10**6)
+        c = sn.cpu.cache.counters
+        assert c["tier2_deferred"] >= 2 and c.get("tier2_regions", 0) == 0   # re-armed, fired again
+    finally:
+        sn.close()
 
 
 def test_profile_reports_tier2(tmp_path):
@@ -190,6 +210,7 @@ def test_fork_while_the_optimizer_compiles(monkeypatch):
     code = asm("mov ecx, 300; l: add eax, ecx; xor eax, 0x77; dec ecx; jnz l; hlt", 0x1000)
     monkeypatch.setenv("BTVM_NO_CACHE", "1")
     monkeypatch.setattr(tier2, "THRESHOLD", 8)
+    monkeypatch.setattr(tier2, "QUIET", 0)
     monkeypatch.setattr(tier2, "_shared", opt)
     for _ in range(3):
         sn = Snippet(trace_writes=False)
