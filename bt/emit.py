@@ -17,9 +17,6 @@ PTR = "ptr"
 # Set (before any translation) by `btvm profile`: every block counts its executions in a
 # global `@<name>_n` (part of the disk cache's version, see bt.cache.shared_disk).
 COUNT_EXECS = False
-# Tier-1 memory accesses call one internal function per (kind, size, privilege) of the module
-# instead of inlining the TLB probe (see Emitter._mem_helper).
-MEM_CALLS = True
 ITY = {1: "i8", 2: "i16", 4: "i32", 8: "i64"}
 
 
@@ -569,40 +566,23 @@ class Emitter:
     def mem_addr(self, m):
         return self.linear(m.seg, self.ea(m))
 
-    def _tlb_probe(self, addr, size, kind):
-        """Returns (hit i1, entry pointer)."""
-        last = self.add(addr, self.c(size - 1)) if size > 1 else addr
-        page = self.and_(last, self.c(0xFFFFF000))
-        idx = self.and_(self.lshr(addr, self.c(12)), self.c(S.TLB_SIZE - 1))
-        base = offset("tlb") + S.tlb_index(self.priv, kind) * 16
-        eoff = self.add(self.shl(self.zext(idx, "i64"), const(4, "i64")), const(base, "i64"))
-        ent = self.op(f"getelementptr i8, ptr %st, i64 {eoff.s}", PTR)
-        tag = self.op(f"load i32, ptr {ent.s}", "i32")
-        return self.icmp("eq", tag, page), ent
-
-    def _host_ptr(self, ent, addr):
-        ap = self.op(f"getelementptr i8, ptr {ent.s}, i64 8", PTR)
-        addend = self.op(f"load i64, ptr {ap.s}", "i64")
-        h = self.add(self.zext(addr, "i64"), addend)
-        return self.op(f"inttoptr i64 {h.s} to ptr", PTR)
-
-    def _check_fault(self):
-        f = self.load_field(offset("fault"), "i32")
-        bad = self.icmp("ne", f, self.c(0))
-        cont = self.new_label("c")
-        self.cbr(bad, self._fault_exit_label(), cont)
-        self.set_label(cont)
-
     def _mem_helper(self, kind, size):
-        """Name of the module's internal function for one soft-MMU access (TLB probe, host access,
-        slow path), defined on first use.  Tier 1 calls it: a third of the IR per access, which
-        LLVM compiles that much faster; tier 2 (a region) keeps the probe inline for speed."""
-        name = f"btvm_{'st' if kind == S.TLB_WRITE else 'ld'}{size}_p{self.priv}"
+        """Name of the module's internal function for one soft-MMU access, defined on first use:
+        the TLB probe (tag = page of the last byte, so page-crossing accesses miss), the host
+        access, or the runtime's slow path.  It returns the value (loads) and whether st.fault
+        was set.  The one definition serves both tiers: tier 1 calls it (a third of the IR per
+        access, compiled that much faster), tier 2 (-O2) inlines it (alwaysinline), where the
+        fault flag of the fast path folds to false.  kind "probe": a write-permission probe of
+        `size` bytes (an argument) without an access."""
+        tag = {S.TLB_READ: "ld", S.TLB_WRITE: "st", "probe": "pw"}[kind]
+        name = f"btvm_{tag}{'' if kind == 'probe' else size}_p{self.priv}"
         if name in self.module.helpers:
             return name
-        t = ITY[size]
-        base = offset("tlb") + S.tlb_index(self.priv, kind) * 16
-        probe = f"""  %last = add i32 %addr, {size - 1}
+        tlb_kind = S.TLB_WRITE if kind == "probe" else kind
+        base = offset("tlb") + S.tlb_index(self.priv, tlb_kind) * 16
+        last = "%size1 = sub i32 %size, 1\n  %last = add i32 %addr, %size1" if kind == "probe" else \
+            f"%last = add i32 %addr, {size - 1}"
+        probe = f"""  {last}
   %page = and i32 %last, -4096
   %i0 = lshr i32 %addr, 12
   %idx = and i32 %i0, {S.TLB_SIZE - 1}
@@ -620,37 +600,64 @@ fast:
   %h = add i64 %a64, %addend
   %hp = inttoptr i64 %h to ptr
 """
-        if kind == S.TLB_WRITE:
+        fault = f"""  %fa = getelementptr i8, ptr %st, i64 {offset("fault")}
+  %f = load i32, ptr %fa
+  %bad = icmp ne i32 %f, 0
+"""
+        attrs = "alwaysinline nounwind"
+        t = ITY.get(size)
+        if kind == "probe":
+            text = f"""define internal i1 @{name}(ptr %st, i32 %addr, i32 %size) {attrs} {{
+entry:
+{probe}  ret i1 false
+slow:
+  %fpp = getelementptr i8, ptr %st, i64 {offset("load_slow")}
+  %fp = load ptr, ptr %fpp
+  %sz = or i32 %size, 256
+  %s = call i64 %fp(ptr %st, i32 %addr, i32 %sz)
+{fault}  ret i1 %bad
+}}
+"""
+        elif kind == S.TLB_WRITE:
             v = "%v" if t == "i64" else "%vt"
             trunc = "" if t == "i64" else f"  %vt = trunc i64 %v to {t}\n"
-            text = f"""define internal void @{name}(ptr %st, i32 %addr, i64 %v) nounwind {{
+            text = f"""define internal i1 @{name}(ptr %st, i32 %addr, i64 %v) {attrs} {{
 entry:
 {trunc}{probe}  store {t} {v}, ptr %hp, align 1
-  ret void
+  ret i1 false
 slow:
   %fpp = getelementptr i8, ptr %st, i64 {offset("store_slow")}
   %fp = load ptr, ptr %fpp
   call void %fp(ptr %st, i32 %addr, i64 %v, i32 {size})
-  ret void
+{fault}  ret i1 %bad
 }}
 """
         else:
-            ext = "  ret i64 %x\n" if t == "i64" else f"  %r = zext {t} %x to i64\n  ret i64 %r\n"
-            text = f"""define internal i64 @{name}(ptr %st, i32 %addr) nounwind {{
+            x = "%x" if t == "i64" else "%x64"
+            ext = "" if t == "i64" else f"  %x64 = zext {t} %x to i64\n"
+            text = f"""define internal {{i64, i1}} @{name}(ptr %st, i32 %addr) {attrs} {{
 entry:
 {probe}  %x = load {t}, ptr %hp, align 1
-{ext}slow:
+{ext}  %rf = insertvalue {{i64, i1}} undef, i64 {x}, 0
+  %rf2 = insertvalue {{i64, i1}} %rf, i1 false, 1
+  ret {{i64, i1}} %rf2
+slow:
   %fpp = getelementptr i8, ptr %st, i64 {offset("load_slow")}
   %fp = load ptr, ptr %fpp
   %s = call i64 %fp(ptr %st, i32 %addr, i32 {size})
-  ret i64 %s
+{fault}  %rs = insertvalue {{i64, i1}} undef, i64 %s, 0
+  %rs2 = insertvalue {{i64, i1}} %rs, i1 %bad, 1
+  ret {{i64, i1}} %rs2
 }}
 """
         self.module.helpers[name] = text
         return name
 
-    def _out_of_line(self, size):
-        return MEM_CALLS and not self.module.region and size in (1, 2, 4, 8)
+    def _fault_if(self, bad):
+        """Leave through the current instruction's fault exit if bad (an i1 from a helper)."""
+        cont = self.new_label("c")
+        self.cbr(bad, self._fault_exit_label(), cont)
+        self.set_label(cont)
 
     def _ac_helper(self, write):
         """Name of the module's internal function that raises #AC for a misaligned access: it
@@ -712,28 +719,11 @@ done:
         self._prepare_fault_exit()
         self.seg_check(addr, size, False)
         self.align_check(addr, size, False, align)
-        if self._out_of_line(size):
-            r = self.op(f"call i64 @{self._mem_helper(S.TLB_READ, size)}(ptr %st, i32 {addr.s})", "i64")
-            v = self.trunc(r, t) if t != "i64" else r
-            self._check_fault()
-            return v
-        hit, ent = self._tlb_probe(addr, size, S.TLB_READ)
-        fast, slow, join = self.new_label("ld"), self.new_label("lds"), self.new_label("ldj")
-        self.cbr(hit, fast, slow)
-        self.set_label(fast)
-        hp = self._host_ptr(ent, addr)
-        v_fast = self.op(f"load {t}, ptr {hp.s}, align 1", t)
-        fast_end = self.label
-        self.br(join)
-        self.set_label(slow)
-        fp = self.load_field(offset("load_slow"), PTR)
-        r = self.op(f"call i64 {fp.s}(ptr %st, i32 {addr.s}, i32 {size})", "i64")
-        v_slow = self.trunc(r, t)
-        self._check_fault()
-        slow_end = self.label
-        self.br(join)
-        self.set_label(join)
-        return self.phi(t, [(v_fast, fast_end), (v_slow, slow_end)])
+        r = self.op(f"call {{i64, i1}} @{self._mem_helper(S.TLB_READ, size)}(ptr %st, i32 {addr.s})",
+                    "{i64, i1}")
+        v = self.op(f"extractvalue {{i64, i1}} {r.s}, 0", "i64")
+        self._fault_if(self.op(f"extractvalue {{i64, i1}} {r.s}, 1", "i1"))
+        return self.trunc(v, t) if t != "i64" else v
 
     def store(self, addr, v, align=None):
         """Store v (iN) at linear address addr (i32); align as for load."""
@@ -742,25 +732,9 @@ done:
         size = bits_of(v.t) // 8
         self.seg_check(addr, size, True)
         self.align_check(addr, size, True, align)
-        if self._out_of_line(size):
-            wide = self.zext(v, "i64") if v.t != "i64" else v
-            self.emit(f"call void @{self._mem_helper(S.TLB_WRITE, size)}(ptr %st, i32 {addr.s}, i64 {wide.s})")
-            self._check_fault()
-            self.smc_check = True
-            return
-        hit, ent = self._tlb_probe(addr, size, S.TLB_WRITE)
-        fast, slow, join = self.new_label("st"), self.new_label("sts"), self.new_label("stj")
-        self.cbr(hit, fast, slow)
-        self.set_label(fast)
-        hp = self._host_ptr(ent, addr)
-        self.emit(f"store {v.t} {v.s}, ptr {hp.s}, align 1")
-        self.br(join)
-        self.set_label(slow)
-        fp = self.load_field(offset("store_slow"), PTR)
-        self.emit(f"call void {fp.s}(ptr %st, i32 {addr.s}, i64 {self.zext(v, 'i64').s}, i32 {size})")
-        self._check_fault()
-        self.br(join)
-        self.set_label(join)
+        wide = self.zext(v, "i64") if v.t != "i64" else v
+        self._fault_if(self.op(f"call i1 @{self._mem_helper(S.TLB_WRITE, size)}(ptr %st, i32 {addr.s}, "
+                               f"i64 {wide.s})", "i1"))
         self.smc_check = True
 
     def probe_write(self, addr, size, align=1):
@@ -773,16 +747,8 @@ done:
         self._prepare_fault_exit()
         self.seg_check(addr, size, True)
         self.align_check(addr, size, True, align)
-        hit, _ = self._tlb_probe(addr, size, S.TLB_WRITE)
-        slow, join = self.new_label("pw"), self.new_label("pwj")
-        self.cbr(hit, join, slow)
-        self.set_label(slow)
-        fp = self.load_field(offset("load_slow"), PTR)
-        # size 0 asks the runtime for a write-permission probe without an access
-        self.emit(f"call i64 {fp.s}(ptr %st, i32 {addr.s}, i32 {0x100 | size})")
-        self._check_fault()
-        self.br(join)
-        self.set_label(join)
+        self._fault_if(self.op(f"call i1 @{self._mem_helper('probe', size)}(ptr %st, i32 {addr.s}, "
+                               f"i32 {size})", "i1"))
 
     # ---- operands ----------------------------------------------------------
     def read(self, op, size=None):
