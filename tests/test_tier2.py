@@ -11,6 +11,7 @@ import pytest
 
 from bt import cache as C, tier2
 from runtime.snippet import Snippet, run_case
+from corpus.oracle import run_unicorn
 from tests.helpers import asm, make_case, oracle_mismatches
 
 
@@ -24,8 +25,26 @@ def promote(monkeypatch):
     return set_threshold
 
 
-def _tier2_blocks(sn):
-    return [tb for tb in sn.cpu.cache.blocks.values() if tb.tier == 2]
+def _run(code, after=None):
+    """Run code (at 0x1000) in a fresh snippet; returns (eax, code-cache counters, tier-2 blocks
+    left installed).  after() runs once the snippet is closed."""
+    sn = Snippet(trace_writes=False)
+    try:
+        sn.mem.write(0x1000, code)
+        sn.cpu.set_reg("eip", 0x1000)
+        assert sn.cpu.run(10**6).reason == "hlt"
+        t2 = [tb for tb in sn.cpu.cache.blocks.values() if tb.tier == 2]
+        result = sn.cpu.reg("eax"), dict(sn.cpu.cache.counters), t2
+    finally:
+        sn.close()
+    if after is not None:
+        after()
+    return result
+
+
+def _unicorn_eax(code):
+    """EAX after running code under the oracle (Unicorn)."""
+    return run_unicorn(make_case(code, max_instructions=10**6), strict=False)["expected"]["regs"]["eax"]
 
 
 def test_loop_runs_in_a_region_and_matches_unicorn(promote):
@@ -61,20 +80,10 @@ def test_region_counters_and_swap(promote):
     promote(16)
     code = asm("mov ecx, 1000; xor eax, eax; l: add eax, ecx; test cl, 1; jz s; xor eax, 0x55; "
                "s: dec ecx; jnz l; hlt", 0x1000)
-    sn = Snippet(trace_writes=False)
-    try:
-        sn.mem.write(0x1000, code)
-        sn.cpu.set_reg("eip", 0x1000)
-        stop = sn.cpu.run(10**6)
-        assert stop.reason == "hlt"
-        c = sn.cpu.cache.counters
-        assert c["tier2_regions"] >= 1 and c["tier2_blocks"] >= 2
-        t2 = _tier2_blocks(sn)
-        assert t2 and all(tb.region for tb in t2)         # members know each other
-    finally:
-        sn.close()
-    case = make_case(code, max_instructions=10**6)
-    assert oracle_mismatches(case, run_case(case)) == []
+    eax, c, t2 = _run(code)
+    assert c["tier2_regions"] >= 1 and c["tier2_blocks"] >= 2
+    assert t2 and all(tb.region for tb in t2)         # members know each other
+    assert eax == _unicorn_eax(code)
 
 
 def test_self_modifying_code_inside_a_region(promote):
@@ -129,18 +138,9 @@ def test_max_instructions_is_exact_in_a_region(promote):
 def test_a_new_cache_adopts_the_region(promote):
     promote(16)
     code = asm("mov ecx, 500; l: add eax, ecx; rol eax, 3; dec ecx; jnz l; hlt", 0x1000)
-    results = []
-    for _ in range(2):
-        sn = Snippet(trace_writes=False)
-        try:
-            sn.mem.write(0x1000, code)
-            sn.cpu.set_reg("eip", 0x1000)
-            sn.cpu.run(10**6)
-            results.append((sn.cpu.reg("eax"), dict(sn.cpu.cache.counters)))
-        finally:
-            sn.close()
-    (a, first), (b, second) = results
-    assert a == b and first["tier2_blocks"] >= 1
+    a, first, _ = _run(code)
+    b, second, _ = _run(code)
+    assert a == b == _unicorn_eax(code) and first["tier2_blocks"] >= 1
     assert second["tier2_adopted"] >= 1 and second.get("tier2_regions", 0) == 0
 
 
@@ -153,39 +153,23 @@ def test_region_finished_after_its_machine_is_gone(monkeypatch):
     opt = tier2.Optimizer(sync=False)
     monkeypatch.setattr(tier2, "_shared", opt)
     code = asm("mov ecx, 400; l: add eax, ecx; ror eax, 5; xor eax, 0x1234; dec ecx; jnz l; hlt", 0x1000)
-    results = []
-    for _ in range(2):
-        sn = Snippet(trace_writes=False)
-        try:
-            sn.mem.write(0x1000, code)
-            sn.cpu.set_reg("eip", 0x1000)
-            sn.cpu.run(10**6)
-            results.append((sn.cpu.reg("eax"), dict(sn.cpu.cache.counters)))
-        finally:
-            sn.close()
-        opt.wait_idle()
-    (a, first), (b, second) = results
-    assert a == b and first["tier2_regions"] >= 1
+    a, first, _ = _run(code, after=opt.wait_idle)
+    b, second, _ = _run(code, after=opt.wait_idle)
+    assert a == b == _unicorn_eax(code) and first["tier2_regions"] >= 1
     assert second["tier2_adopted"] >= 1
 
 
 def test_promotion_waits_while_tier1_compiles(monkeypatch):
     """Right after a tier-1 compile a hot block is re-armed, not sent to the background optimizer
-    (whose LLVM calls would stall tier 1 behind llvmlite's lock); it is promoted once tier 1 is quiet."""
+    (whose LLVM calls would stall tier 1 behind llvmlite's lock), and fires again later."""
     monkeypatch.setenv("BTVM_NO_CACHE", "1")
     monkeypatch.setattr(tier2, "THRESHOLD", 50)
     monkeypatch.setattr(tier2, "QUIET", 3600)        # tier 1 is always "busy"
     monkeypatch.setattr(tier2, "_shared", tier2.Optimizer(sync=False))
     code = asm("mov ecx, 400; l: add eax, ecx; ror eax, 7; dec ecx; jnz l; hlt", 0x1000)
-    sn = Snippet(trace_writes=False)
-    try:
-        sn.mem.write(0x1000, code)
-        sn.cpu.set_reg("eip", 0x1000)
-        sn.cpu.run(10**6)
-        c = sn.cpu.cache.counters
-        assert c["tier2_deferred"] >= 2 and c.get("tier2_regions", 0) == 0   # re-armed, fired again
-    finally:
-        sn.close()
+    eax, c, _ = _run(code)
+    assert c["tier2_deferred"] >= 2 and c.get("tier2_regions", 0) == 0   # re-armed, fired again
+    assert eax == _unicorn_eax(code)
 
 
 def test_profile_reports_tier2(tmp_path):
