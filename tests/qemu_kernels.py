@@ -8,33 +8,15 @@ Not covered: #TS (only raised by task switches and the TSS stack switch, where t
 would need a task gate to be delivered; btvm has no task gates), #AC (implemented neither by btvm
 nor by QEMU's TCG), #MF.  EFLAGS.TF single-stepping: tf.
 """
+from tests import kernels
 from tests.reporting import Kernel
 
 WAIT = 200_000_000   # upper bound for polling loops: ends them only if the event never comes
 
 # Identity-map 4 MiB with user read/write pages, then: 0x200000 not present, 0x201000
 # read-only, 0x202000 supervisor-only; CR0.PG|WP.
-PAGING = """
-    mov edi, page_tab
-    xor eax, eax
-pt_fill:
-    mov ebx, eax
-    shl ebx, 12
-    or ebx, 7
-    mov dword ptr [edi + eax*4], ebx
-    inc eax
-    cmp eax, 1024
-    jb pt_fill
-    mov dword ptr [page_dir], page_tab + 7
-    mov dword ptr [page_tab + 0x200*4], 0
-    mov dword ptr [page_tab + 0x201*4], 0x201005
-    mov dword ptr [page_tab + 0x202*4], 0x202003
-    mov eax, page_dir
-    mov cr3, eax
-    mov eax, cr0
-    or eax, 0x80010000
-    mov cr0, eax
-"""
+PAGING = kernels.PAGING.replace("    mov eax, page_dir\n",
+                                "    mov dword ptr [page_tab + 0x202*4], 0x202003\n    mov eax, page_dir\n")
 
 
 def exceptions():
