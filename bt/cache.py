@@ -12,8 +12,8 @@ from collections import Counter, defaultdict, deque
 from . import state as S
 from .decode import decode_block, DecodeError
 from .jit import ModuleText, shared_jit
-from . import diskcache, emit, tier2
-from .semantics import ends_block, Unsupported
+from . import diskcache, emit, stencil, tier2
+from .semantics import ends_block, Unsupported, TABLE
 from .translate import translate_block, static_successors
 
 import ctypes
@@ -51,7 +51,7 @@ def shared_disk(jit):
 class TB:
     """A translated block."""
     __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "name",
-                 "counter", "tier", "region", "promoting")
+                 "counter", "tier", "region", "promoting", "hot_addr", "stenciled")
 
     def __init__(self, block, fn, slots, name):
         if not isinstance(block, diskcache.StoredBlock):
@@ -69,6 +69,8 @@ class TB:
         self.tier = 1
         self.region = ()          # tier 2: every block of the region (they call each other directly)
         self.promoting = False    # tier 1: in a region on its way through the optimizer
+        self.hot_addr = 0         # tier 1 by copy-and-patch: address of the tier-2 countdown cell
+        self.stenciled = False    # tier 1 by copy-and-patch (bt.stencil), not LLVM
 
     def executions(self):
         return ctypes.c_uint64.from_address(self.counter).value if self.counter else None
@@ -102,6 +104,7 @@ class CodeCache:
         self.insns_by_page = {}               # page -> keys of self.insns
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
+        self.stencils = stencil.shared_builder() if stencil.ENABLED else None
         self.last_compile = 0.0               # perf_counter() of the last tier-1 compile
         self.compile_log = []                 # (time, blocks, seconds) per batch
         if TRACK is not None:
@@ -172,6 +175,11 @@ class CodeCache:
         first = self._decode(eip, key)
         if not first.insns:
             raise DecodeError(first.stop_reason or "undecodable")
+        if self.stencils is not None:
+            tb = self._from_stencils(first)
+            self.counters["translate_seconds_x1e6"] += int((time.perf_counter() - t0) * 1e6)
+            if tb is not None:
+                return tb
         todo = deque([first])
         seen = {eip}
         mt = ModuleText(f"batch{self.jit.modules}", hot=self.hot_threshold)
@@ -231,6 +239,32 @@ class CodeCache:
                     _ENTRIES[name] = (1, [tb for tb in adopted if tb in fresh])
                     self.counters["persistent_stores"] += 1
         return self._adopt(adopted, eip, key, fresh)
+
+    def _from_stencils(self, blk):
+        """The block at blk instantiated from stencils (bt.stencil), or None to compile it with LLVM."""
+        memo_key = (blk.eip, blk.key, blk.raw)
+        hit = _MEMO.get(memo_key)
+        if hit is not None and hit.stenciled:
+            return self._adopt([hit], blk.eip, blk.key)
+        if any(i.id not in TABLE for i in blk.insns):
+            return None
+        lib = self.stencils.lib
+        before, t0 = lib.compiled, lib.compile_seconds
+        built = self.stencils.build(blk, self.hot_threshold)
+        if lib.compiled != before:
+            self.counters["stencils_compiled"] += lib.compiled - before
+            self.counters["stencil_compile_us"] += int((lib.compile_seconds - t0) * 1e6)
+            self.last_compile = time.perf_counter()
+        if built is None:
+            self.counters["stencil_fallbacks"] += 1
+            return None
+        fn, slots, hot, cnt = built
+        tb = TB(blk, fn, slots, f"c{blk.eip:08x}_{blk.key:x}")
+        tb.hot_addr, tb.counter, tb.stenciled = hot, cnt, True
+        self.counters["stencil_blocks"] += 1
+        self.counters["compiled_blocks"] += 1
+        _MEMO[memo_key] = tb
+        return self._adopt([tb], blk.eip, blk.key, fresh={tb})
 
     def _attach_counter(self, tb):
         if emit.COUNT_EXECS:
@@ -446,16 +480,21 @@ class CodeCache:
                     todo.append(s)
         return out
 
+    def _hot_cell(self, tb):
+        if tb.stenciled:
+            return tb.hot_addr
+        return self.jit.engine.get_global_value_address(tb.name + "_h")
+
     def _rearm(self, tb):
         """Let a tier-1 block count down to EXIT_HOT again."""
-        addr = self.jit.engine.get_global_value_address(tb.name + "_h")
+        addr = self._hot_cell(tb)
         if addr:
             ctypes.c_int32.from_address(addr).value = self.hot_threshold
 
     def _runs(self, tb):
         """Executions of a tier-1 block so far (from its hot counter)."""
         try:
-            addr = self.jit.engine.get_global_value_address(tb.name + "_h")
+            addr = self._hot_cell(tb)
         except Exception:
             return 0
         left = ctypes.c_int32.from_address(addr).value if addr else self.hot_threshold

@@ -103,7 +103,34 @@ _ICMP = {
 }
 
 
+class Hole:
+    """A numeric field of a guest instruction left open in a stencil (bt.stencil): the IR refers
+    to the address of the external symbol @name, which is patched with the field's value when
+    the stencil is copied into a block.  Any use of a hole as a Python number raises HoleUse, so
+    a semantic that needs the concrete value makes bt.stencil fix the field instead."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def _used(self, *_):
+        raise HoleUse(self.name)
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __index__ = __int__ = _used
+    __and__ = __or__ = __xor__ = __add__ = __sub__ = __radd__ = __rsub__ = __format__ = __str__ = _used
+    __hash__ = object.__hash__
+
+    def __repr__(self):
+        return f"<hole {self.name}>"
+
+
+class HoleUse(TypeError):
+    """A semantic used a stencil hole as a concrete number."""
+
+
 def const(value, t):
+    if type(value) is Hole:
+        return V(f"ptrtoint (ptr @{value.name} to {t})", t)
     if t == "i1":
         return V("true" if value & 1 else "false", "i1")
     n = bits_of(t)
@@ -121,8 +148,11 @@ _ALL_FLAGS_MASK = S.STATUS_MASK | (1 << S.DF)
 class Emitter:
     """Builds one block function `i32 @name(ptr %st)` following the exit contract in bt.state."""
 
-    def __init__(self, name, block, key, module):
+    def __init__(self, name, block, key, module, stencil=None):
+        """stencil: a bt.stencil.Shape when emitting one instruction as a stencil (holes for
+        its addresses and operands; no block prologue); None for a whole block."""
         self.name = name
+        self.stencil = stencil
         self.block = block
         self.key = key
         self.module = module          # bt.jit.ModuleText: declarations, slot globals
@@ -140,7 +170,10 @@ class Emitter:
         self.deferred = []            # out-of-line code (fault exits) appended after the body
         self.main_scope = self.scope = object()
         self.packs = {}
-        self._emit_prologue()
+        if stencil is None:
+            self._emit_prologue(block.eip, self.ninsns)
+        else:
+            stencil.prologue(self)
 
     # ---- lazy values ------------------------------------------------------------
     def lazy(self, fn, t="i1"):
@@ -311,31 +344,34 @@ class Emitter:
         p = self.field(off)
         self.emit(f"store {v.t} {v.s}, ptr {p.s}")
 
-    def _emit_prologue(self):
+    def _emit_prologue(self, eip, ninsns, hot=None, counter=None):
+        """Block entry: the tier-2 countdown, the execution counter, the instruction budget.
+        eip, ninsns: ints, or holes in the block-head stencil, whose hot/counter name the
+        external symbols of its counter cells."""
         self.lines.append("entry:")
-        if self.module.hot:
+        if self.module.hot or hot:
             # Count down to tier 2 (bt.tier2): at zero, leave before doing anything.
-            g = self.module.new_hot(self.name)
+            g = hot or self.module.new_hot(self.name)
             n = self.sub(self.op(f"load i32, ptr @{g}", "i32"), self.c(1))
             self.emit(f"store i32 {n.s}, ptr @{g}")
             hot, cold = self.new_label("hot"), self.new_label("warm")
             self.cbr(self.icmp("eq", n, self.c(0)), hot, cold)
             self.set_label(hot)
-            self._store_eip(self.c(self.block.eip))
+            self._store_eip(self.c(eip))
             self.emit(f"ret i32 {S.EXIT_HOT}")
             self.set_label(cold)
         if COUNT_EXECS:
-            g = self.module.new_counter(self.name)
+            g = counter or self.module.new_counter(self.name)
             n = self.op(f"load i64, ptr @{g}", "i64")
             self.emit(f"store i64 {self.add(n, const(1, 'i64')).s}, ptr @{g}")
         budget = self.load_field(offset("budget"), "i64")
-        ok = self.icmp("sge", budget, const(self.ninsns, "i64"))
+        ok = self.icmp("sge", budget, const(ninsns, "i64"))
         go, out = self.new_label("go"), self.new_label("nobudget")
         self.cbr(ok, go, out)
         self.set_label(out)
         self.emit(f"ret i32 {S.EXIT_BUDGET}")
         self.set_label(go)
-        self.store_field(offset("budget"), self.sub(budget, const(self.ninsns, "i64")))
+        self.store_field(offset("budget"), self.sub(budget, const(ninsns, "i64")))
         self.reload()
 
     def _lazy_load(self, off, t):
@@ -427,11 +463,18 @@ class Emitter:
             out, cont = self.new_label("smc"), self.new_label("c")
             self.cbr(hit, out, cont)
             self.set_label(out)
-            self.exit_code(S.EXIT_SMC, self.c(self.insn.next), refund=self.ninsns - self.k - 1)
+            self.exit_code(S.EXIT_SMC, self.c(self.insn.next), refund=self.left(after=True))
             self.set_label(cont)
 
+    def left(self, after=False):
+        """Instructions of the block from this one (after: from the next one) to its end: what
+        an exit here refunds to the budget the block charged at entry.  A hole in a stencil."""
+        if self.stencil is not None:
+            return Hole("h_left1" if after else "h_left")
+        return self.ninsns - self.k - (1 if after else 0)
+
     def refund(self, n):
-        if n:
+        if type(n) is Hole or n:
             b = self.load_field(offset("budget"), "i64")
             self.store_field(offset("budget"), self.add(b, const(n, "i64")))
 
@@ -444,7 +487,7 @@ class Emitter:
             self.set_label(self.fault_label)
             self._store_values(*self.snapshot)
             self.store_field(offset("eip"), self.c(self.insn.addr))
-            self.refund(self.ninsns - self.k)
+            self.refund(self.left())
             self.emit(f"ret i32 {S.EXIT_EXCEPTION}")
             self.deferred.extend(self.lines)
             self.lines, self.label, self.terminated, self.scope = saved
@@ -808,7 +851,8 @@ done:
 
     def exit_direct(self, target, flushed=False):
         """Leave to a constant guest address through a patchable chain slot."""
-        if self.key & S.KEY_PG and (target ^ self.block.eip) & ~0xFFF:
+        if self.key & S.KEY_PG and (self.stencil.crosses_page(target) if self.stencil is not None
+                                    else (target ^ self.block.eip) & ~0xFFF):
             # With paging, a chain never leaves the block's page: the target page may map to
             # other code in another address space.  Cross-page exits probe the jump cache,
             # which the runtime clears on every address-space switch (as QEMU does).
@@ -826,7 +870,7 @@ done:
             self.terminated = True
             self.scope = saved
             return
-        slot = self.module.new_slot(self.name)
+        slot = self.module.new_slot(self.name) if self.stencil is None else f"h_slot{len(self.slots)}"
         self.slots.append(slot)
         fp = self.op(f"load ptr, ptr @{slot}", PTR)
         null = self.op(f"icmp eq ptr {fp.s}, null", "i1")
@@ -889,7 +933,7 @@ done:
         self.store_field(offset("callout_id"), self.c(callout_id))
         self.store_field(offset("callout_arg"), arg if arg is not None else self.c(0))
         self.store_field(offset("next_eip"), self.c(self.insn.next))
-        self.exit_code(S.EXIT_CALLOUT, self.c(self.insn.addr), refund=self.ninsns - self.k)
+        self.exit_code(S.EXIT_CALLOUT, self.c(self.insn.addr), refund=self.left())
 
     def text(self):
         body = "\n".join(self.lines[:1] + self.entry_lines + self.lines[1:] + self.deferred)
@@ -897,5 +941,5 @@ done:
         # lets an optimized region keep state fields in registers across its guest memory accesses.
         # nounwind: translated code never unwinds, so no .eh_frame: ~16% less memory per loaded
         # module (measured) and no unwind-table registration.
-        attr = "noalias " if self.module.region else ""
+        attr = "noalias " if self.module.region or self.stencil is not None else ""
         return f"define i32 @{self.name}(ptr {attr}%st) nounwind {{\n{body}\n}}\n"

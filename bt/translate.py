@@ -42,20 +42,26 @@ def _cut(block, k):
     return b
 
 
+def emit_insn(e, k, insn):
+    """Emit instruction k of e's block through the semantics table (bt.stencil emits one
+    instruction at a time with this too)."""
+    info = TABLE[insn.id]
+    e.begin_insn(k, insn)
+    try:
+        if insn.lock and not _lock_ok(insn, info):
+            e.raise_now(UD)
+        else:
+            info.fn(e, insn)
+    except Unsupported as exc:
+        exc.index = k
+        raise
+    e.end_insn()
+
+
 def _emit(block, name, mt):
     e = Emitter(name, block, block.key, mt)
     for k, insn in enumerate(block.insns):
-        info = TABLE[insn.id]
-        e.begin_insn(k, insn)
-        try:
-            if insn.lock and not _lock_ok(insn, info):
-                e.raise_now(UD)
-            else:
-                info.fn(e, insn)
-        except Unsupported as exc:
-            exc.index = k
-            raise
-        e.end_insn()
+        emit_insn(e, k, insn)
         if e.terminated:
             break
     if not e.terminated:

@@ -5,6 +5,7 @@ Far transfers (ljmp, lcall, retf) are sensitive and live in system.py.
 from . import sem
 from .flagcalc import CONDITIONS, condition
 from ..decode import Reg
+from ..emit import Hole
 
 ESP, ECX = 4, 1
 
@@ -15,6 +16,8 @@ def _target_value(e, insn, op):
 
 
 def _direct(insn, op):
+    if type(op.imm) is Hole and insn.opsize == 4:
+        return op.imm           # a stencil's target hole: bt.stencil patches it with the 32-bit target
     target = op.imm & 0xFFFFFFFF
     return target & 0xFFFF if insn.opsize == 2 else target
 

@@ -98,7 +98,7 @@ def popf(e, insn):
         go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(1 << S.AC)))
         e.cbr(e.icmp("ne", go, e.c(0)), out, cont)
         e.set_label(out)
-        e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.ninsns - e.k - 1)
+        e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.left(after=True))
         e.set_label(cont)
 
 

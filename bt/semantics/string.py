@@ -73,7 +73,7 @@ def stos(e, insn, size):
 
 
 def _rep_loop(e, insn, body, size, tests_zf):
-    k_left = e.ninsns - e.k - 1
+    k_left = e.left(after=True)
     pre = e.label
     e.flush()
     header, done = e.new_label("rep"), e.new_label("repdone")

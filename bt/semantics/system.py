@@ -53,7 +53,7 @@ def rdtsc(e, insn):
     base = e.load_field(S.offset("tsc_base"), "i64")
     budget = e.load_field(S.offset("budget"), "i64")
     # The block charged all its instructions at entry: count only those before this one.
-    tsc = e.sub(e.sub(base, budget), e.c(e.ninsns - e.k - 1, "i64"))
+    tsc = e.sub(e.sub(base, budget), e.c(e.left(after=True), "i64"))
     e.set_reg32(0, e.trunc(tsc, "i32"))
     e.set_reg32(2, e.trunc(e.lshr(tsc, e.c(32, "i64")), "i32"))
 callout("msr", "rdmsr", "wrmsr", "rdpmc", why=PRIVILEGED, does="reads or writes a virtual MSR (#GP if unknown)")

@@ -1,0 +1,451 @@
+"""Tier 1 by copy-and-patch: blocks assembled from precompiled per-instruction stencils.
+
+A stencil is the machine code of one guest instruction *shape*: the instruction with its
+addresses, immediates and displacements left open as "holes" (bt.emit.Hole), emitted by the
+same semantics table as every other translation and compiled once by LLVM (-O2, small code
+model, static relocations).  The holes are external symbols, so the object file's relocations
+say where each one's value goes.  A block is instantiated by copying the stencils of its
+instructions one after the other into executable memory (bt.codemem) and patching the holes:
+the instruction's address and operands, the chain slots of its exits, and the address of the
+next stencil (the final `jmp` to it is dropped: the next stencil follows directly).
+
+Stencil state contract: between stencils every guest register and flag is in the CPU state
+(each stencil loads what it reads and stores what it writes); the block-head stencil charges
+the block's instructions to the budget, counts down to tier 2 and counts executions, and an
+exit inside a stencil refunds the instructions from there to the block's end (holes h_left,
+h_left1).  Everything else -- exits, chaining, precise faults, the soft-MMU -- is the
+emitter's, unchanged.
+
+Shapes whose semantics need a field's concrete value (a semantic that computes with it in
+Python) raise HoleUse while being emitted; the shape is then emitted again with that kind of
+field fixed (LEVELS), and a shape that cannot be made a stencil at all leaves its block to the
+LLVM tier-1 path.  Stencils are kept in memory and on disk (bt.diskcache's folder), keyed by
+a hash of the shape and the translator version, so each is compiled once per machine.
+"""
+import ctypes
+import dataclasses
+import hashlib
+import os
+import struct
+import time
+
+import llvmlite.binding as llvm
+
+from . import emit, state as S
+from .codemem import Arena
+from .decode import Block
+from .emit import Emitter, Hole, HoleUse, ITY
+from .jit import ModuleText, _init
+from .semantics import TABLE, Unsupported, ends_block
+from .translate import emit_insn
+
+# LLVM's code generator level for stencils: 0 (fast instruction selection and register
+# allocation) costs ~0.9 ms per stencil, 1-2 about 2.3 ms for code ~35% smaller (measured on the
+# corpus's stencils).  Cold boots meet thousands of shapes, and hot code goes to tier 2 anyway.
+CODEGEN_OPT = int(os.environ.get("BTVM_STENCIL_CG", "0"))
+
+# What is left open, by level: 0 immediates and displacements, 1 displacements, 2 neither
+# (addresses and budget refunds are always holes).
+LEVELS = 3
+MAX_OPS = 4
+MAX_SLOTS = 4
+VALUE_HOLES = (["h_eip", "h_next", "h_left", "h_left1", "h_n", "h_beip", "h_target"]
+               + [f"h_imm{i}" for i in range(MAX_OPS)] + [f"h_disp{i}" for i in range(MAX_OPS)])
+CELL_HOLES = [f"h_slot{i}" for i in range(MAX_SLOTS)] + ["h_hot", "h_cnt"]
+CONT = "h_cont"
+_HOLE_DECLS = ([f"@{h} = external dso_local global i8, !absolute_symbol !0" for h in VALUE_HOLES]
+               + [f"@{h} = external dso_local global i8, !absolute_symbol !1" for h in CELL_HOLES]
+               + [f"declare i32 @{CONT}(ptr)",
+                  "!0 = !{i64 0, i64 4294967296}",       # any 32-bit value (never sign-extended)
+                  "!1 = !{i64 0, i64 2147483648}"])      # cells live below 2 GiB (bt.codemem)
+_HOLES = frozenset(VALUE_HOLES + CELL_HOLES + [CONT])
+
+# ELF x86-64 relocation types a stencil may use: size in bytes, pc-relative.
+_RELOCS = {1: (8, False), 2: (4, True), 4: (4, True), 10: (4, False), 11: (4, False),
+           12: (2, False), 14: (1, False)}
+
+
+class Stencil:
+    """Machine code with holes: code bytes and [(offset, size, pc-relative, hole, addend)]."""
+    __slots__ = ("code", "relocs", "slots", "falls_through")
+
+    def __init__(self, code, relocs):
+        self.relocs = relocs
+        # The jump to the next stencil at the very end is dropped: the next one is copied there.
+        self.falls_through = False
+        if relocs and relocs[-1][3] == CONT and relocs[-1][0] == len(code) - 4 and code[-5] == 0xE9:
+            code = code[:-5]
+            relocs = relocs[:-1]
+            self.falls_through = True
+        self.code = bytes(code)
+        self.relocs = relocs
+        self.slots = sorted({r[3] for r in relocs if r[3].startswith("h_slot")})
+        if any(r[3] == CONT for r in relocs):
+            self.falls_through = True
+
+
+# ---- shapes --------------------------------------------------------------------------------
+class _HoledInsn:
+    """A decode.Insn with holes for its address, length-derived next address and some operands."""
+    __slots__ = ("addr", "size", "raw", "id", "mnemonic", "op_str", "ops", "rep", "lock", "opsize",
+                 "addrsize", "seg_override", "groups", "next")
+
+    def text(self):
+        return f"{self.mnemonic} {self.op_str}".strip()
+
+
+class _RawHole:
+    """Instruction bytes that a semantic may not look at (they hold holed operands)."""
+
+    def _used(self, *_):
+        raise HoleUse("raw")
+
+    __getitem__ = __len__ = __iter__ = __contains__ = hex = _used
+
+
+class InsnShape:
+    """One instruction as a stencil at a level: its key and the values of its holes."""
+
+    def __init__(self, insn, key, level, block_eip):
+        self.insn, self.tkey, self.level, self.block_eip = insn, key, level, block_eip
+        vals, kops = {"h_eip": insn.addr, "h_next": insn.next}, []
+        for i, op in enumerate(insn.ops):
+            if op.kind == "imm" and level == 0:
+                vals[f"h_imm{i}"] = op.imm & 0xFFFFFFFF
+                kops.append(("imm", op.size))
+            elif op.kind == "mem" and level <= 1:
+                m = op.mem
+                vals[f"h_disp{i}"] = m.disp & 0xFFFFFFFF
+                kops.append(("mem", op.size, m.seg, m.base, m.index, m.scale, m.addr16))
+            else:
+                kops.append(op)
+        self.values = vals
+        # Direct exits: whether each possible target leaves the block's page (only matters
+        # with paging, where chains stay on their page; bt.emit.Emitter.exit_direct).
+        self.cross = {}
+        if key & S.KEY_PG and ends_block(insn):
+            for i, op in enumerate(insn.ops):
+                if op.kind == "imm":
+                    self.cross[f"h_imm{i}"] = bool(((op.imm & 0xFFFFFFFF) ^ block_eip) & ~0xFFF)
+            self.cross["h_next"] = bool((insn.next ^ block_eip) & ~0xFFF)
+        self.key = ("i", level, key, insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock,
+                    insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
+                    tuple(sorted(self.cross.items())))
+
+    def holed(self):
+        """The instruction as the semantics see it in the stencil."""
+        i = self.insn
+        ops = []
+        for k, op in enumerate(i.ops):
+            if f"h_imm{k}" in self.values:
+                op = dataclasses.replace(op, imm=Hole(f"h_imm{k}"))
+            elif f"h_disp{k}" in self.values:
+                op = dataclasses.replace(op, mem=dataclasses.replace(op.mem, disp=Hole(f"h_disp{k}")))
+            ops.append(op)
+        h = _HoledInsn()
+        h.addr, h.size, h.raw, h.id, h.mnemonic, h.op_str = Hole("h_eip"), i.size, \
+            (i.raw if self.level == 2 else _RawHole()), i.id, i.mnemonic, i.op_str
+        h.ops, h.rep, h.lock, h.opsize, h.addrsize = tuple(ops), i.rep, i.lock, i.opsize, i.addrsize
+        h.seg_override, h.groups, h.next = i.seg_override, i.groups, Hole("h_next")
+        return h
+
+    def crosses_page(self, target):
+        if not self.tkey & S.KEY_PG:
+            return False
+        if type(target) is Hole and target.name in self.cross:
+            return self.cross[target.name]
+        raise HoleUse("direct exit without a page decision")
+
+    def prologue(self, e):
+        e.lines.append("entry:")
+        e.reload()
+
+    def emit(self, e):
+        emit_insn(e, 0, self.holed())
+        if not e.terminated:
+            e.flush()
+            r = e.op(f"musttail call i32 @{CONT}(ptr %st)", "i32")
+            e.emit(f"ret i32 {r.s}")
+
+
+class HeadShape:
+    """The block head: tier-2 countdown, execution counter, budget."""
+
+    def __init__(self, key, hot, count):
+        self.hot, self.count = hot, count
+        self.key = ("h", key, bool(hot), bool(count))
+
+    def prologue(self, e):
+        e._emit_prologue(Hole("h_beip"), Hole("h_n"), hot="h_hot" if self.hot else None,
+                         counter="h_cnt" if self.count else None)
+
+    def emit(self, e):
+        r = e.op(f"musttail call i32 @{CONT}(ptr %st)", "i32")
+        e.emit(f"ret i32 {r.s}")
+
+
+class TailShape:
+    """The exit of a block that ends without a control transfer (page end, length limit)."""
+
+    def __init__(self, key, cross):
+        self.cross = cross
+        self.key = ("t", key, bool(cross) if key & S.KEY_PG else False)
+
+    def prologue(self, e):
+        e.lines.append("entry:")
+        e.reload()
+
+    def crosses_page(self, target):
+        return self.cross
+
+    def emit(self, e):
+        e.exit_direct(Hole("h_target"))
+
+
+def _name(key):
+    return "s" + hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
+
+
+# ---- the library -------------------------------------------------------------------------
+class Library:
+    """Compiled stencils by shape key; compiles missing ones in batches."""
+
+    def __init__(self):
+        _init()
+        target = llvm.Target.from_default_triple()
+        self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
+                                               features=llvm.get_host_cpu_features().flatten(),
+                                               opt=CODEGEN_OPT, reloc="static", codemodel="small")
+        self.stencils = {}          # shape key -> Stencil, or None: cannot be a stencil
+        self.level = {}             # (insn id, operand kinds) -> lowest level that emits
+        self.compiled = 0
+        self.compile_seconds = 0.0
+        self.modules = 0
+
+    def shape(self, insn, key, block_eip):
+        """The InsnShape of insn at the level known to work for its kind (or the first)."""
+        return InsnShape(insn, key, self.level.get((insn.id, tuple(o.kind for o in insn.ops)), 0), block_eip)
+
+    def get(self, shapes):
+        """The Stencil of each shape (None where one cannot exist), compiling the missing ones."""
+        todo = {}
+        for sh in shapes:
+            if sh.key not in self.stencils and sh.key not in todo:
+                todo[sh.key] = sh
+        if todo:
+            self._compile(list(todo.values()))
+        return [self.stencils.get(sh.key) for sh in shapes]
+
+    def _optimize(self, mod):
+        """A short pipeline: inline the soft-MMU helpers, fold the holes' arithmetic, share
+        repeated state loads.  LLVM's -O2 pipeline costs 4x more per stencil here for code
+        only 2% smaller (measured); a fresh PassBuilder per module, as bt.jit explains."""
+        pb = llvm.create_pass_builder(self.tm, llvm.create_pipeline_tuning_options(speed_level=0))
+        mpm = llvm.create_new_module_pass_manager()
+        mpm.add_always_inliner_pass()
+        mpm.add_instruction_combine_pass()
+        mpm.add_simplify_cfg_pass()
+        mpm.add_new_gvn_pass()
+        mpm.add_dead_code_elimination_pass()
+        mpm.add_global_dead_code_eliminate_pass()
+        mpm.run(mod, pb)
+
+    def _emit(self, sh, mt):
+        """Append sh's function to mt; False if the semantics cannot work with its holes."""
+        name = _name(sh.key)
+        blk = Block(0, sh.key[1] if sh.key[0] != "i" else sh.key[2], [])
+        e = Emitter(name, blk, blk.key, mt, stencil=sh)
+        mark = (len(mt.functions), dict(mt.helpers), set(mt.decls))
+        try:
+            sh.emit(e)
+        except (HoleUse, TypeError, Unsupported):
+            mt.functions[mark[0]:], mt.helpers, mt.decls = [], mark[1], mark[2]
+            return False
+        if len(e.slots) > MAX_SLOTS:
+            return False
+        mt.functions.append(e.text())
+        return True
+
+    def _compile(self, shapes):
+        t0 = time.perf_counter()
+        mt = ModuleText(f"stencils{self.modules}")
+        for d in _HOLE_DECLS:
+            mt.declare(d)
+        names = {}
+        for sh in shapes:
+            while True:
+                if self._emit(sh, mt):
+                    names[_name(sh.key)] = sh.key
+                    break
+                if not isinstance(sh, InsnShape) or sh.level + 1 >= LEVELS:
+                    self.stencils[sh.key] = None
+                    break
+                # Fix the fields this kind of instruction computes with and try again; the
+                # caller's key stays mapped to the new shape's stencil.
+                kind = (sh.insn.id, tuple(o.kind for o in sh.insn.ops))
+                self.level[kind] = max(self.level.get(kind, 0), sh.level + 1)
+                old = sh.key
+                sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip)
+                self.stencils.setdefault(old, _Alias(sh.key))
+        if names:
+            mod = llvm.parse_assembly(mt.text())
+            self._optimize(mod)
+            obj = self.tm.emit_object(mod)
+            for name, st in parse_object(obj).items():
+                if name in names:
+                    self.stencils[names[name]] = st
+            for key in names.values():
+                self.stencils.setdefault(key, None)
+            self.compiled += len(names)
+            self.modules += 1
+        self.compile_seconds += time.perf_counter() - t0
+
+
+class _Alias:
+    """A shape key whose stencil is that of another (a higher level) key."""
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+
+# ---- ELF relocatable objects -------------------------------------------------------------
+def parse_object(obj):
+    """{function name: Stencil} from an x86-64 ELF relocatable object; a function that refers
+    to anything but holes (a constant pool, a library call) gets None."""
+    sh_off, = struct.unpack_from("<Q", obj, 0x28)
+    sh_entsize, sh_num, sh_strndx = struct.unpack_from("<HHH", obj, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", obj, sh_off + i * sh_entsize) for i in range(sh_num)]
+
+    def sec_bytes(s):
+        return obj[s[4]:s[4] + s[5]]
+
+    symtab = next(s for s in secs if s[1] == 2)          # SHT_SYMTAB
+    strtab = sec_bytes(secs[symtab[6]])
+
+    def cstr(tab, off):
+        return tab[off:tab.index(b"\0", off)].decode()
+
+    syms = []
+    for i in range(symtab[5] // 24):
+        st_name, st_info, _, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ", obj, symtab[4] + i * 24)
+        syms.append((cstr(strtab, st_name), st_info & 0xF, st_shndx, st_value, st_size))
+    funcs = {}
+    for name, typ, shndx, value, size in syms:
+        if typ == 2 and shndx:                            # STT_FUNC, defined
+            funcs.setdefault(shndx, []).append((value, size, name))
+    out = {}
+    for shndx, fs in funcs.items():
+        text = sec_bytes(secs[shndx])
+        rel = [s for s in secs if s[1] == 4 and s[7] == shndx]      # SHT_RELA for this section
+        relocs = []
+        for r in rel:
+            for j in range(r[5] // 24):
+                off, info, addend = struct.unpack_from("<QQq", obj, r[4] + j * 24)
+                relocs.append((off, info & 0xFFFFFFFF, syms[info >> 32][0], addend))
+        relocs.sort()
+        for value, size, name in fs:
+            mine, ok = [], True
+            for off, typ, sym, addend in relocs:
+                if value <= off < value + size:
+                    if sym not in _HOLES or typ not in _RELOCS:
+                        ok = False
+                        break
+                    n, pcrel = _RELOCS[typ]
+                    mine.append((off - value, n, pcrel, sym, addend))
+            out[name] = Stencil(text[value:value + size], mine) if ok else None
+    return out
+
+
+# ---- instantiation -----------------------------------------------------------------------
+_PACK = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+
+
+class Builder:
+    """Instantiates blocks from a Library into executable memory."""
+
+    def __init__(self, library):
+        self.lib = library
+        self.code = Arena(exec_=True)
+        self.cells = Arena()
+        self.blocks = 0
+        self.seconds = 0.0
+
+    def resolve(self, st):
+        while type(st) is _Alias:
+            st = self.lib.stencils.get(st.key)
+        return st
+
+    def build(self, block, hot=0):
+        """(code address, [slot cell addresses], hot cell, counter cell) of block, or None when
+        one of its instructions has no stencil (the caller translates it with LLVM)."""
+        t0 = time.perf_counter()
+        key, n = block.key, len(block.insns)
+        lib = self.lib
+        count = emit.COUNT_EXECS
+        shapes = [HeadShape(key, hot, count)] + [lib.shape(i, key, block.eip) for i in block.insns]
+        sts = [self.resolve(s) for s in lib.get(shapes)]
+        if any(s is None for s in sts):
+            return None
+        parts = list(zip(sts, shapes))
+        # Stop after the first stencil that never falls through (the rest cannot run).
+        for j, (st, _) in enumerate(parts):
+            if not st.falls_through:
+                parts = parts[:j + 1]
+                break
+        else:
+            tail = TailShape(key, (block.end ^ block.eip) & ~0xFFF)
+            st = self.resolve(lib.get([tail])[0])
+            if st is None:
+                return None
+            parts.append((st, tail))
+        size = sum(len(st.code) for st, _ in parts)
+        addr = self.code.alloc(size)
+        hot_cell = self.cells.alloc(4, 4) if hot else 0
+        cnt_cell = self.cells.alloc(8, 8) if count else 0
+        if hot:
+            ctypes.c_int32.from_address(hot_cell).value = hot
+        buf = bytearray(size)
+        pos = 0
+        slots = []
+        for k, (st, sh) in enumerate(parts):
+            place = addr + pos
+            end = place + len(st.code)
+            if isinstance(sh, InsnShape):
+                vals = sh.values
+                idx = k - 1
+                vals["h_left"] = n - idx
+                vals["h_left1"] = n - idx - 1
+            elif isinstance(sh, HeadShape):
+                vals = {"h_beip": block.eip, "h_n": n, "h_hot": hot_cell, "h_cnt": cnt_cell}
+            else:
+                vals = {"h_target": block.end & 0xFFFFFFFF}
+            for s in st.slots:
+                cell = self.cells.alloc(8, 8)
+                slots.append(cell)
+                vals[s] = cell
+            vals[CONT] = end
+            buf[pos:pos + len(st.code)] = st.code
+            for off, size_, pcrel, sym, addend in st.relocs:
+                v = vals[sym] + addend
+                if pcrel:
+                    v -= place + off
+                struct.pack_into(_PACK[size_], buf, pos + off, v & ((1 << (8 * size_)) - 1))
+            pos += len(st.code)
+        ctypes.memmove(addr, bytes(buf), size)
+        self.blocks += 1
+        self.seconds += time.perf_counter() - t0
+        return addr, slots, hot_cell, cnt_cell
+
+
+_shared = None
+
+
+def shared_builder():
+    global _shared
+    if _shared is None:
+        _shared = Builder(Library())
+    return _shared
+
+
+ENABLED = os.environ.get("BTVM_TIER1", "stencil") == "stencil"
