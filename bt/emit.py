@@ -711,7 +711,7 @@ slow:
         if name in self.module.helpers:
             return name
         flag = 0x100 if write else 0x200
-        self.module.helpers[name] = f"""define internal void @{name}(ptr %st, i32 %addr, i32 %size) nounwind {{
+        self.module.helpers[name] = f"""define internal void @{name}(ptr %st, i32 %addr, i32 %size) alwaysinline nounwind {{
 entry:
   %fpp = getelementptr i8, ptr %st, i64 {offset("load_slow")}
   %fp = load ptr, ptr %fpp

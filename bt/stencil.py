@@ -210,14 +210,17 @@ def _name(key):
 class Library:
     """Compiled stencils by shape key; compiles missing ones in batches."""
 
-    def __init__(self):
+    def __init__(self, store=None):
         _init()
         target = llvm.Target.from_default_triple()
         self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
                                                features=llvm.get_host_cpu_features().flatten(),
                                                opt=CODEGEN_OPT, reloc="static", codemodel="small")
-        self.stencils = {}          # shape key -> Stencil, or None: cannot be a stencil
+        self.stencils = {}          # shape key -> Stencil, _Alias, or None: cannot be a stencil
+        self.store = store
+        self.loaded = 0             # stencils taken from the store
         self.level = {}             # (insn id, operand kinds) -> lowest level that emits
+        self._aliases = {}          # id(shape) -> keys it had before its level went up
         self.compiled = 0
         self.compile_seconds = 0.0
         self.modules = 0
@@ -230,11 +233,43 @@ class Library:
         """The Stencil of each shape (None where one cannot exist), compiling the missing ones."""
         todo = {}
         for sh in shapes:
-            if sh.key not in self.stencils and sh.key not in todo:
+            if sh.key not in self.stencils and sh.key not in todo and not self._from_store(sh.key):
                 todo[sh.key] = sh
         if todo:
             self._compile(list(todo.values()))
         return [self.stencils.get(sh.key) for sh in shapes]
+
+    def _from_store(self, key):
+        """Take key's stencil (and what an alias leads to) from the disk store, if there."""
+        if self.store is None:
+            return False
+        recs = self.store.load()
+        rec = recs.get(_digest(key))
+        if rec is None:
+            return False
+        if rec[0] == "s":
+            self.stencils[key] = rec[1]
+            self.loaded += 1
+        elif rec[0] == "n":
+            self.stencils[key] = None
+        else:
+            target = _DigestKey(rec[1])
+            self.stencils[key] = _Alias(target)
+            if target not in self.stencils and not self._from_store_digest(target):
+                del self.stencils[key]
+                return False
+            if key[0] == "i":
+                kind = (key[3], tuple(o[0] if type(o) is tuple else o.kind for o in key[11]))
+                self.level[kind] = max(self.level.get(kind, 0), key[1] + 1)
+        return True
+
+    def _from_store_digest(self, dk):
+        rec = self.store.load().get(dk.digest)
+        if rec is None or rec[0] != "s":
+            return False
+        self.stencils[dk] = rec[1]
+        self.loaded += 1
+        return True
 
     def _optimize(self, mod):
         """A short pipeline: inline the soft-MMU helpers, fold the holes' arithmetic, share
@@ -263,7 +298,12 @@ class Library:
             return False
         if len(e.slots) > MAX_SLOTS:
             return False
-        mt.functions.append(e.text())
+        # Its own section: a call from it to anything else in the module (a helper LLVM did not
+        # inline) is then a relocation that parse_object sees and refuses, never a silent
+        # pc-relative call resolved inside one .text that would dangle once the code is copied.
+        head, rest = e.text().split("\n", 1)
+        assert head.endswith(" {")
+        mt.functions.append(f'{head[:-2]} section ".text.{name}" {{\n{rest}')
         return True
 
     def _compile(self, shapes):
@@ -287,6 +327,7 @@ class Library:
                 old = sh.key
                 sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip)
                 self.stencils.setdefault(old, _Alias(sh.key))
+                self._aliases.setdefault(id(sh), []).append(old)
         if names:
             mod = llvm.parse_assembly(mt.text())
             self._optimize(mod)
@@ -298,7 +339,29 @@ class Library:
                 self.stencils.setdefault(key, None)
             self.compiled += len(names)
             self.modules += 1
+        if self.store is not None:
+            new = {}
+            for sh in shapes:
+                for key in {sh.key} | set(self._aliases.pop(id(sh), ())):
+                    st = self.stencils.get(key)
+                    new[_digest(key)] = ("n",) if st is None else ("a", _digest(st.key)) \
+                        if type(st) is _Alias else ("s", st)
+            self.store.save(new)
         self.compile_seconds += time.perf_counter() - t0
+
+
+class _DigestKey:
+    """The key of a stencil known only by its digest (reached through a stored alias)."""
+    __slots__ = ("digest",)
+
+    def __init__(self, digest):
+        self.digest = digest
+
+    def __hash__(self):
+        return hash(self.digest)
+
+    def __eq__(self, other):
+        return type(other) is _DigestKey and other.digest == self.digest
 
 
 class _Alias:
@@ -307,6 +370,101 @@ class _Alias:
 
     def __init__(self, key):
         self.key = key
+
+
+# ---- on disk ----------------------------------------------------------------------------
+_HOLE_NAMES = sorted(_HOLES)
+_HOLE_INDEX = {h: i for i, h in enumerate(_HOLE_NAMES)}
+_REL = struct.Struct("<IBBBq")           # offset, size, pc-relative, hole, addend
+_MAGIC = b"BTVMSTL1"
+MERGE_AT = 64
+
+
+def _digest(key):
+    return hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+
+
+class Store:
+    """Stencils on disk: a folder per translator version of files written whole (temporary file
+    + rename, so concurrent processes are safe), each a checksummed list of records; a file
+    that is truncated or corrupt is ignored.  Small: a Linux boot's ~8,000 stencils are ~3 MB."""
+
+    def __init__(self, root, version):
+        self.dir = root / "stencils" / version[:24]
+        self.records = None         # key digest -> ("s", Stencil) | ("a", digest) | ("n",)
+
+    def load(self):
+        if self.records is None:
+            self.records = {}
+            try:
+                files = sorted(self.dir.glob("*.stl"))
+            except OSError:
+                files = []
+            for p in files:
+                try:
+                    self._parse(p.read_bytes())
+                except (OSError, ValueError, struct.error, IndexError):
+                    continue
+            if len(files) >= MERGE_AT:
+                self._write(self.records, files)
+        return self.records
+
+    def _parse(self, data):
+        if data[:8] != _MAGIC or hashlib.sha256(data[40:]).digest() != data[8:40]:
+            raise ValueError("corrupt stencil file")
+        pos, recs = 40, {}
+        while pos < len(data):
+            dg, kind = data[pos:pos + 16], data[pos + 16:pos + 17]
+            pos += 17
+            if kind == b"s":
+                ft, ncode, nrel = struct.unpack_from("<BIH", data, pos)
+                pos += 7
+                code = data[pos:pos + ncode]
+                pos += ncode
+                rel = []
+                for _ in range(nrel):
+                    off, size, pcrel, h, add = _REL.unpack_from(data, pos)
+                    pos += _REL.size
+                    rel.append((off, size, bool(pcrel), _HOLE_NAMES[h], add))
+                st = Stencil.__new__(Stencil)
+                st.code, st.relocs, st.falls_through = code, rel, bool(ft)
+                st.slots = sorted({r[3] for r in rel if r[3].startswith("h_slot")})
+                recs[dg] = ("s", st)
+            elif kind == b"a":
+                recs[dg] = ("a", data[pos:pos + 16])
+                pos += 16
+            elif kind == b"n":
+                recs[dg] = ("n",)
+            else:
+                raise ValueError("corrupt stencil file")
+        self.records.update(recs)
+
+    def save(self, new):
+        """Write the records of {digest: record} as one new file."""
+        self.load().update(new)
+        self._write(new, ())
+
+    def _write(self, recs, replaces):
+        out = bytearray()
+        for dg, rec in recs.items():
+            out += dg + rec[0].encode()
+            if rec[0] == "s":
+                st = rec[1]
+                out += struct.pack("<BIH", st.falls_through, len(st.code), len(st.relocs)) + st.code
+                for off, size, pcrel, h, add in st.relocs:
+                    out += _REL.pack(off, size, pcrel, _HOLE_INDEX[h], add)
+            elif rec[0] == "a":
+                out += rec[1]
+        data = _MAGIC + hashlib.sha256(out).digest() + bytes(out)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".{os.getpid()}-{os.urandom(4).hex()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.dir / f"{os.urandom(8).hex()}.stl")
+            for p in replaces:          # merged into the new file
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass                        # a read-only or full cache folder: compile again next time
 
 
 # ---- ELF relocatable objects -------------------------------------------------------------
@@ -441,10 +599,22 @@ class Builder:
 _shared = None
 
 
+def version():
+    """What stencils' machine code depends on: the translator's sources, LLVM, the host CPU."""
+    import llvmlite
+    from .diskcache import source_hash
+    _init()
+    return hashlib.sha256("|".join([source_hash(), llvmlite.__version__, llvm.get_host_cpu_name(),
+                                    llvm.get_host_cpu_features().flatten(), str(CODEGEN_OPT)]).encode()).hexdigest()
+
+
 def shared_builder():
+    """The process's stencil library (stored under bt.diskcache's folder unless disabled)."""
     global _shared
     if _shared is None:
-        _shared = Builder(Library())
+        from .diskcache import default_dir
+        root = default_dir()
+        _shared = Builder(Library(Store(root, version()) if root is not None else None))
     return _shared
 
 

@@ -10,7 +10,7 @@ import sys
 
 def _tier1():
     from bt.jit import shared_jit
-    return f"1: llvm-O{shared_jit().opt} blocks"
+    return f"1: llvm-O{shared_jit().opt} blocks"  # blocks that have no stencils (bt.stencil)
 
 
 def _tier2():
@@ -36,7 +36,12 @@ def collect(caches, top=10):
     hottest = sorted(blocks.values(), key=lambda x: -x[0])[:top]
     return {
         "compiled_blocks": total.get("compiled_blocks", 0) + total.get("tier2_blocks", 0),
-        "tiers": {_tier1(): {"blocks": total.get("compiled_blocks", 0),
+        "tiers": {"1: copy-and-patch blocks": {
+                      "blocks": total.get("stencil_blocks", 0),
+                      "compile_seconds": round(total.get("stencil_compile_us", 0) / 1e6, 6),
+                      "stencils_compiled": total.get("stencils_compiled", 0),
+                      "fallbacks": total.get("stencil_fallbacks", 0)},
+                  _tier1(): {"blocks": total.get("compiled_blocks", 0) - total.get("stencil_blocks", 0),
                              "compile_seconds": round(total.get("compile_us", 0) / 1e6, 6)},
                   _tier2(): {"blocks": total.get("tier2_blocks", 0),
                              "compile_seconds": round(total.get("tier2_compile_us", 0) / 1e6, 6),
@@ -119,7 +124,8 @@ def format_report(r):
                  f"{r['batches']} tier-1 batches)")
     for tier, t in r["tiers"].items():
         lines.append(f"    tier {tier:24} {t['blocks']:>8} blocks, {t['compile_seconds']:.3f} s compiling"
-                     + (f" ({t['regions']} regions, on a background thread)" if "regions" in t else ""))
+                     + (f" ({t['regions']} regions, on a background thread)" if "regions" in t else "")
+                     + (f" ({t['stencils_compiled']} stencils)" if "stencils_compiled" in t else ""))
     lines.append(f"  persistent hits   {r['persistent_hits']:>10}   (blocks loaded from the disk cache; "
                  f"{r['persistent_stores']} batches stored)")
     lines.append(f"  lookups           {r['lookups']:>10}   (hits {r['hits']}, misses {r['misses']})")

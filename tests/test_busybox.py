@@ -258,5 +258,5 @@ def test_guest_sees_no_descriptor_of_btvm(tmp_path):
     host_env.pop("BTVM_NO_CACHE", None)
     emu = _run(BTVM + ["--clean-env"] + [a for k, v in ENV.items() for a in ("-E", f"{k}={v}")] +
                ["--", str(BUSYBOX), "sh", "-c", script], tmp_path, host_env)
-    assert list(cache.rglob("*.log")), "the run stored nothing: the test checks nothing"
+    assert list(cache.rglob("*.log")) or list(cache.rglob("*.stl")), "the run stored nothing: the test checks nothing"
     assert emu == native
