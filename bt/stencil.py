@@ -216,11 +216,10 @@ class Library:
         self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
                                                features=llvm.get_host_cpu_features().flatten(),
                                                opt=CODEGEN_OPT, reloc="static", codemodel="small")
-        self.stencils = {}          # shape key -> Stencil, _Alias, or None: cannot be a stencil
+        self.stencils = {}          # shape key -> Stencil, ESCALATE, or None: cannot be a stencil
         self.store = store
         self.loaded = 0             # stencils taken from the store
-        self.level = {}             # (insn id, operand kinds) -> lowest level that emits
-        self._aliases = {}          # id(shape) -> keys it had before its level went up
+        self.level = {}             # (insn id, operand kinds) -> lowest level that may emit
         self.compiled = 0
         self.compile_seconds = 0.0
         self.modules = 0
@@ -230,46 +229,37 @@ class Library:
         return InsnShape(insn, key, self.level.get((insn.id, tuple(o.kind for o in insn.ops)), 0), block_eip)
 
     def get(self, shapes):
-        """The Stencil of each shape (None where one cannot exist), compiling the missing ones."""
-        todo = {}
-        for sh in shapes:
-            if sh.key not in self.stencils and sh.key not in todo and not self._from_store(sh.key):
-                todo[sh.key] = sh
-        if todo:
+        """The Stencil of each shape (None where one cannot exist), compiling the missing ones.
+        A shape whose level turns out too open is raised (in place) until one emits: its
+        values then match the stencil returned."""
+        while True:
+            todo = {}
+            for sh in shapes:
+                st = self._lookup(sh.key)
+                while st is ESCALATE:
+                    self._raise(sh)
+                    st = self._lookup(sh.key)
+                if st is _MISSING and sh.key not in todo:
+                    todo[sh.key] = sh
+            if not todo:
+                break
             self._compile(list(todo.values()))
-        return [self.stencils.get(sh.key) for sh in shapes]
+        return [self.stencils[sh.key] for sh in shapes]
 
-    def _from_store(self, key):
-        """Take key's stencil (and what an alias leads to) from the disk store, if there."""
-        if self.store is None:
-            return False
-        recs = self.store.load()
-        rec = recs.get(_digest(key))
-        if rec is None:
-            return False
-        if rec[0] == "s":
-            self.stencils[key] = rec[1]
-            self.loaded += 1
-        elif rec[0] == "n":
-            self.stencils[key] = None
-        else:
-            target = _DigestKey(rec[1])
-            self.stencils[key] = _Alias(target)
-            if target not in self.stencils and not self._from_store_digest(target):
-                del self.stencils[key]
-                return False
-            if key[0] == "i":
-                kind = (key[3], tuple(o[0] if type(o) is tuple else o.kind for o in key[11]))
-                self.level[kind] = max(self.level.get(kind, 0), key[1] + 1)
-        return True
+    def _lookup(self, key):
+        st = self.stencils.get(key, _MISSING)
+        if st is _MISSING and self.store is not None:
+            rec = self.store.load().get(_digest(key))
+            if rec is not None:
+                st = self.stencils[key] = rec[1] if rec[0] == "s" else ESCALATE if rec[0] == "e" else None
+                self.loaded += rec[0] == "s"
+        return st
 
-    def _from_store_digest(self, dk):
-        rec = self.store.load().get(dk.digest)
-        if rec is None or rec[0] != "s":
-            return False
-        self.stencils[dk] = rec[1]
-        self.loaded += 1
-        return True
+    def _raise(self, sh):
+        """Emit sh one level less open from now on (for every instruction of its kind)."""
+        kind = (sh.insn.id, tuple(o.kind for o in sh.insn.ops))
+        self.level[kind] = max(self.level.get(kind, 0), sh.level + 1)
+        sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip)
 
     def _optimize(self, mod):
         """A short pipeline: inline the soft-MMU helpers, fold the holes' arithmetic, share
@@ -307,27 +297,20 @@ class Library:
         return True
 
     def _compile(self, shapes):
+        """Emit and compile the stencils of shapes (one module).  A shape whose semantics use
+        one of its holes as a number is marked ESCALATE: get() retries it one level up."""
         t0 = time.perf_counter()
         mt = ModuleText(f"stencils{self.modules}")
         for d in _HOLE_DECLS:
             mt.declare(d)
         names = {}
         for sh in shapes:
-            while True:
-                if self._emit(sh, mt):
-                    names[_name(sh.key)] = sh.key
-                    break
-                if not isinstance(sh, InsnShape) or sh.level + 1 >= LEVELS:
-                    self.stencils[sh.key] = None
-                    break
-                # Fix the fields this kind of instruction computes with and try again; the
-                # caller's key stays mapped to the new shape's stencil.
-                kind = (sh.insn.id, tuple(o.kind for o in sh.insn.ops))
-                self.level[kind] = max(self.level.get(kind, 0), sh.level + 1)
-                old = sh.key
-                sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip)
-                self.stencils.setdefault(old, _Alias(sh.key))
-                self._aliases.setdefault(id(sh), []).append(old)
+            if self._emit(sh, mt):
+                names[_name(sh.key)] = sh.key
+            elif isinstance(sh, InsnShape) and sh.level + 1 < LEVELS:
+                self.stencils[sh.key] = ESCALATE
+            else:
+                self.stencils[sh.key] = None
         if names:
             mod = llvm.parse_assembly(mt.text())
             self._optimize(mod)
@@ -342,41 +325,21 @@ class Library:
         if self.store is not None:
             new = {}
             for sh in shapes:
-                for key in {sh.key} | set(self._aliases.pop(id(sh), ())):
-                    st = self.stencils.get(key)
-                    new[_digest(key)] = ("n",) if st is None else ("a", _digest(st.key)) \
-                        if type(st) is _Alias else ("s", st)
+                st = self.stencils[sh.key]
+                new[_digest(sh.key)] = ("n",) if st is None else ("e",) if st is ESCALATE else ("s", st)
             self.store.save(new)
         self.compile_seconds += time.perf_counter() - t0
 
 
-class _DigestKey:
-    """The key of a stencil known only by its digest (reached through a stored alias)."""
-    __slots__ = ("digest",)
-
-    def __init__(self, digest):
-        self.digest = digest
-
-    def __hash__(self):
-        return hash(self.digest)
-
-    def __eq__(self, other):
-        return type(other) is _DigestKey and other.digest == self.digest
-
-
-class _Alias:
-    """A shape key whose stencil is that of another (a higher level) key."""
-    __slots__ = ("key",)
-
-    def __init__(self, key):
-        self.key = key
+ESCALATE = object()     # this shape's semantics need a field it holds open: take the next level
+_MISSING = object()
 
 
 # ---- on disk ----------------------------------------------------------------------------
 _HOLE_NAMES = sorted(_HOLES)
 _HOLE_INDEX = {h: i for i, h in enumerate(_HOLE_NAMES)}
 _REL = struct.Struct("<IBBBq")           # offset, size, pc-relative, hole, addend
-_MAGIC = b"BTVMSTL1"
+_MAGIC = b"BTVMSTL2"
 MERGE_AT = 64
 
 
@@ -391,7 +354,7 @@ class Store:
 
     def __init__(self, root, version):
         self.dir = root / "stencils" / version[:24]
-        self.records = None         # key digest -> ("s", Stencil) | ("a", digest) | ("n",)
+        self.records = None         # key digest -> ("s", Stencil) | ("e",): escalate | ("n",): none
 
     def load(self):
         if self.records is None:
@@ -430,9 +393,8 @@ class Store:
                 st.code, st.relocs, st.falls_through = code, rel, bool(ft)
                 st.slots = sorted({r[3] for r in rel if r[3].startswith("h_slot")})
                 recs[dg] = ("s", st)
-            elif kind == b"a":
-                recs[dg] = ("a", data[pos:pos + 16])
-                pos += 16
+            elif kind == b"e":
+                recs[dg] = ("e",)
             elif kind == b"n":
                 recs[dg] = ("n",)
             else:
@@ -453,8 +415,6 @@ class Store:
                 out += struct.pack("<BIH", st.falls_through, len(st.code), len(st.relocs)) + st.code
                 for off, size, pcrel, h, add in st.relocs:
                     out += _REL.pack(off, size, pcrel, _HOLE_INDEX[h], add)
-            elif rec[0] == "a":
-                out += rec[1]
         data = _MAGIC + hashlib.sha256(out).digest() + bytes(out)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -529,11 +489,6 @@ class Builder:
         self.blocks = 0
         self.seconds = 0.0
 
-    def resolve(self, st):
-        while type(st) is _Alias:
-            st = self.lib.stencils.get(st.key)
-        return st
-
     def build(self, block, hot=0):
         """(code address, [slot cell addresses], hot cell, counter cell) of block, or None when
         one of its instructions has no stencil (the caller translates it with LLVM)."""
@@ -542,7 +497,7 @@ class Builder:
         lib = self.lib
         count = emit.COUNT_EXECS
         shapes = [HeadShape(key, hot, count)] + [lib.shape(i, key, block.eip) for i in block.insns]
-        sts = [self.resolve(s) for s in lib.get(shapes)]
+        sts = lib.get(shapes)
         if any(s is None for s in sts):
             return None
         parts = list(zip(sts, shapes))
@@ -553,7 +508,7 @@ class Builder:
                 break
         else:
             tail = TailShape(key, (block.end ^ block.eip) & ~0xFFF)
-            st = self.resolve(lib.get([tail])[0])
+            st = lib.get([tail])[0]
             if st is None:
                 return None
             parts.append((st, tail))

@@ -1,0 +1,124 @@
+"""Tier 1 by copy-and-patch (bt/stencil.py): blocks built from stencils must behave as the
+oracle (Unicorn) says, whichever process compiled the stencils, and the stencil store must
+never hand out a stencil that does not belong to the shape asked for."""
+import llvmlite.binding as llvm
+import pytest
+
+from bt import cache as C, stencil
+from runtime.snippet import run_case
+from tests.helpers import asm, make_case, oracle_mismatches
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A new stencil library stored in tmp_path (new(): another one, as another process would
+    have, reading the same folder); no block memo carried over between runs."""
+    monkeypatch.setattr(C, "_MEMO", {})
+    monkeypatch.setenv("BTVM_NO_CACHE", "1")
+
+    def new():
+        b = stencil.Builder(stencil.Library(stencil.Store(tmp_path, "v" * 24)))
+        monkeypatch.setattr(stencil, "_shared", b)
+        C._MEMO.clear()
+        return b
+    return new
+
+
+def _check(code, **kw):
+    case = make_case(code, **kw)
+    result = run_case(case)
+    assert oracle_mismatches(case, result) == []
+    return result
+
+
+def test_blocks_are_built_from_stencils(fresh_library):
+    b = fresh_library()
+    _check(asm("""
+        mov eax, 0x12345678
+        add eax, 0x7FFFFFF0
+        mov ecx, 10
+    l:  lea edx, [eax + ecx*4 - 0x80000000]
+        xor eax, edx
+        sub dword ptr [0x3000 + ecx*4], 0xFFFFFF80
+        dec ecx
+        jnz l
+        hlt"""), data={0x3000: bytes(range(64))})
+    assert b.blocks >= 3 and b.lib.compiled > 0
+
+
+def test_high_hole_values_are_not_sign_extended(fresh_library):
+    """Immediates, displacements and addresses >= 2^31 patched into holes (LLVM must not treat
+    them as sign-extended 32-bit symbol addresses)."""
+    fresh_library()
+    _check(asm("""
+        mov ebx, 0x80000000
+        mov eax, dword ptr [ebx + 0x7FFFF004]
+        mov ecx, 0xF0006000
+        add ecx, 0x80000000
+        mov edx, dword ptr [ecx + 0x90000000]
+        mov esi, dword ptr [0xFFFFF006]
+        hlt"""), data={0xFFFFF004: b"\x11\x22\x33\x44\x99\xAA", 0x6000: b"\x55\x66\x77\x88"})
+
+
+def test_a_shape_raised_to_a_fixed_operand_is_not_shared(fresh_library):
+    """RET imm16 computes with its operand in Python, so its stencil has the operand fixed: a
+    later process that learns that from the store must not run `ret 12` with the stencil made
+    for `ret 8` (the store once aliased the open shape to the first fixed one)."""
+    def ret_n(n):
+        return asm(f"""
+            push 0x11111111
+            push 0x22222222
+            push 0x33333333
+            push 0x44444444
+            call f
+            hlt
+        f:  ret {n}""")
+    a = fresh_library()
+    _check(ret_n(8))
+    assert a.lib.level, "ret imm16 no longer needs a fixed operand: pick another instruction"
+    b = fresh_library()                     # same store, fresh process state
+    _check(ret_n(12))
+    assert b.lib.loaded > 0
+
+
+def test_corrupt_store_files_are_ignored(fresh_library, tmp_path):
+    fresh_library()
+    code = asm("mov eax, 7\nimul eax, eax, 6\nhlt")
+    _check(code)
+    files = list(tmp_path.rglob("*.stl"))
+    assert files
+    for p in files:
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0xFF
+        p.write_bytes(bytes(data))
+    b = fresh_library()
+    _check(code)
+    assert b.lib.loaded == 0 and b.lib.compiled > 0
+
+
+def test_llvm_tier1_still_matches_the_oracle(monkeypatch):
+    """The LLVM tier 1 serves blocks without stencils: run the same code through it alone."""
+    monkeypatch.setattr(stencil, "ENABLED", False)
+    monkeypatch.setattr(C, "_MEMO", {})
+    monkeypatch.setenv("BTVM_NO_CACHE", "1")
+    _check(asm("""
+        mov ecx, 20
+        xor eax, eax
+    l:  add eax, ecx
+        rol eax, 3
+        loop l
+        hlt"""))
+
+
+def test_a_stencil_calling_into_its_module_is_refused():
+    """A call that LLVM resolved inside the object (to a function it did not inline) would jump
+    into nothing once the stencil is copied: parse_object must refuse that stencil."""
+    stencil._init()
+    tm = llvm.Target.from_default_triple().create_target_machine(reloc="static", codemodel="small")
+    mod = llvm.parse_assembly("""
+define internal i32 @helper(ptr %st) noinline { ret i32 1 }
+define i32 @s1(ptr %st) section ".text.s1" { %r = call i32 @helper(ptr %st) ret i32 %r }
+define i32 @s2(ptr %st) section ".text.s2" { ret i32 2 }
+""")
+    out = stencil.parse_object(tm.emit_object(mod))
+    assert out["s1"] is None and out["s2"] is not None
