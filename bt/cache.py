@@ -5,8 +5,12 @@ branches, links direct exits ("chaining") by patching chain slots and keeps
 the back-links that make unlinking exact when a block is invalidated.  Every
 decision bumps a named counter; the profiler reads only the counters.
 """
+import atexit
+import os
 import secrets
+import struct
 import time
+import weakref
 from collections import Counter, defaultdict, deque
 
 from . import state as S
@@ -33,6 +37,24 @@ TIER2 = []
 # When a list (set by `btvm profile`), every CodeCache created appends itself to it.
 TRACK = None
 _DISKS = {}
+# Blocks built from stencils are stored STENCIL_BATCH at a time (and at exit, and before a fork).
+STENCIL_BATCH = 32
+STENCIL_TIER = 3            # the disk-cache entry kind of stencil recipes
+_LIVE = weakref.WeakSet()
+
+
+def save_all():
+    """Store every cache's unsaved stencil blocks (at exit and before a fork)."""
+    for c in list(_LIVE):
+        if c._unsaved and c.disk is not None:
+            try:
+                c.save_stencil_blocks()
+            except Exception:
+                pass
+
+
+atexit.register(save_all)
+os.register_at_fork(before=save_all)
 
 
 def shared_disk(jit):
@@ -105,6 +127,8 @@ class CodeCache:
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
         self.stencils = stencil.shared_builder() if stencil.ENABLED else None
+        self._unsaved = []                    # [(TB, recipe)] built from stencils, not yet stored
+        _LIVE.add(self)
         self.last_compile = 0.0               # perf_counter() of the last tier-1 compile
         self.compile_log = []                 # (time, blocks, seconds) per batch
         if TRACK is not None:
@@ -258,13 +282,39 @@ class CodeCache:
         if built is None:
             self.counters["stencil_fallbacks"] += 1
             return None
-        fn, slots, hot, cnt = built
-        tb = TB(blk, fn, slots, f"c{blk.eip:08x}_{blk.key:x}")
-        tb.hot_addr, tb.counter, tb.stenciled = hot, cnt, True
+        fn, slots, hot, cnt, recipe = built
+        tb = self._stencil_tb(blk, fn, slots, hot, cnt)
         self.counters["stencil_blocks"] += 1
         self.counters["compiled_blocks"] += 1
         _MEMO[memo_key] = tb
+        if self.disk is not None:
+            self._unsaved.append((tb, recipe))
+            if len(self._unsaved) >= STENCIL_BATCH:
+                self.save_stencil_blocks()
         return self._adopt([tb], blk.eip, blk.key, fresh={tb})
+
+    @staticmethod
+    def _stencil_tb(blk, fn, slots, hot, cnt):
+        tb = TB(blk, fn, slots, f"c{blk.eip:08x}_{blk.key:x}")
+        tb.hot_addr, tb.counter, tb.stenciled = hot, cnt, True
+        return tb
+
+    def save_stencil_blocks(self):
+        """Store the recipes of the blocks built from stencils since the last call (one disk-cache
+        entry, tier STENCIL_TIER): a later run rebuilds them without decoding."""
+        todo = [(tb, r) for tb, r in self._unsaved if tb.owner is self]
+        self._unsaved = []
+        by_key = defaultdict(list)
+        for tb, r in todo:
+            by_key[tb.key].append((tb, r))
+        for key, items in by_key.items():
+            stored = [(tb.eip, tb.block.raw, self.fetch(tb.eip, diskcache.WINDOW), tb.ninsns, tb.name, [])
+                      for tb, _ in items]
+            obj = b"".join(struct.pack("<I", len(r)) + r for _, r in items)
+            name = self.disk.store(key, stored, obj, tier=STENCIL_TIER)
+            if name is not None:
+                _ENTRIES[name] = (STENCIL_TIER, [tb for tb, _ in items])
+                self.counters["persistent_stores"] += 1
 
     def _attach_counter(self, tb):
         if emit.COUNT_EXECS:
@@ -304,6 +354,8 @@ class CodeCache:
         return None
 
     def _load_entry(self, ent, eip, key):
+        if ent.tier == STENCIL_TIER:
+            return self._load_stencil_entry(ent, eip, key)
         names = [name for _, name, _ in ent.blocks]
         try:
             fns, slots = self.jit.load_object(ent.obj, names, [s for _, _, sl in ent.blocks for s in sl])
@@ -326,6 +378,31 @@ class CodeCache:
         _ENTRIES[ent.name] = (ent.tier, tbs)
         self.counters["persistent_batches"] += 1
         return self._adopt_entry(ent.tier, tbs, eip, key)
+
+    def _load_stencil_entry(self, ent, eip, key):
+        """Rebuild the blocks of a stored entry of stencil recipes (those whose bytes match)."""
+        if self.stencils is None:
+            return None
+        tbs, pos, data = [], 0, ent.obj
+        try:
+            for blk, _, _ in ent.blocks:
+                n, = struct.unpack_from("<I", data, pos)
+                recipe = data[pos + 4:pos + 4 + n]
+                pos += 4 + n
+                if blk.eip not in ent.valid:
+                    continue
+                built = self.stencils.rebuild(recipe, self.hot_threshold)
+                if built is None:
+                    continue
+                tb = self._stencil_tb(blk, *built)
+                _MEMO.setdefault(tb.memo_key, tb)
+                tbs.append(tb)
+        except (struct.error, IndexError, KeyError):
+            self.counters["persistent_errors"] += 1
+            return None
+        _ENTRIES[ent.name] = (STENCIL_TIER, tbs)
+        self.counters["persistent_batches"] += 1
+        return self._adopt_entry(STENCIL_TIER, tbs, eip, key)
 
     def _adopt_entry(self, tier, tbs, eip, key, counter="persistent_hits"):
         """Install the blocks of a loaded entry that match guest memory; the TB at eip or None."""

@@ -490,13 +490,14 @@ class Builder:
         self.seconds = 0.0
 
     def build(self, block, hot=0):
-        """(code address, [slot cell addresses], hot cell, counter cell) of block, or None when
-        one of its instructions has no stencil (the caller translates it with LLVM)."""
+        """Instantiate block: (code address, [slot cell addresses], hot cell, counter cell,
+        recipe), or None when one of its instructions has no stencil (the caller translates
+        it with LLVM).  The recipe (bytes) rebuilds the same code with rebuild(), without
+        decoding: the disk cache stores it."""
         t0 = time.perf_counter()
         key, n = block.key, len(block.insns)
         lib = self.lib
-        count = emit.COUNT_EXECS
-        shapes = [HeadShape(key, hot, count)] + [lib.shape(i, key, block.eip) for i in block.insns]
+        shapes = [HeadShape(key, hot, emit.COUNT_EXECS)] + [lib.shape(i, key, block.eip) for i in block.insns]
         sts = lib.get(shapes)
         if any(s is None for s in sts):
             return None
@@ -512,6 +513,37 @@ class Builder:
             if st is None:
                 return None
             parts.append((st, tail))
+        plan = []
+        for k, (st, sh) in enumerate(parts):
+            if isinstance(sh, InsnShape):
+                vals = dict(sh.values, h_left=n - k + 1, h_left1=n - k)
+            elif isinstance(sh, HeadShape):
+                vals = {"h_beip": block.eip, "h_n": n}
+            else:
+                vals = {"h_target": block.end & 0xFFFFFFFF}
+            plan.append((st, _digest(sh.key), vals))
+        out = self._place([(st, vals) for st, _, vals in plan], hot)
+        self.seconds += time.perf_counter() - t0
+        return out + (_recipe(plan),)
+
+    def rebuild(self, recipe, hot=0):
+        """Like build() from a recipe; None if a stencil it names is not in the store."""
+        t0 = time.perf_counter()
+        recs = self.lib.store.load() if self.lib.store is not None else {}
+        parts = []
+        for dg, vals in _parse_recipe(recipe):
+            rec = recs.get(dg)
+            if rec is None or rec[0] != "s":
+                return None
+            parts.append((rec[1], vals))
+        out = self._place(parts, hot)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _place(self, parts, hot):
+        """Copy [(Stencil, {value hole: value})] one after the other into code memory, with new
+        cells for the chain slots and counters, and patch every hole."""
+        count = emit.COUNT_EXECS
         size = sum(len(st.code) for st, _ in parts)
         addr = self.code.alloc(size)
         hot_cell = self.cells.alloc(4, 4) if hot else 0
@@ -521,23 +553,14 @@ class Builder:
         buf = bytearray(size)
         pos = 0
         slots = []
-        for k, (st, sh) in enumerate(parts):
+        for st, vals in parts:
             place = addr + pos
-            end = place + len(st.code)
-            if isinstance(sh, InsnShape):
-                vals = sh.values
-                idx = k - 1
-                vals["h_left"] = n - idx
-                vals["h_left1"] = n - idx - 1
-            elif isinstance(sh, HeadShape):
-                vals = {"h_beip": block.eip, "h_n": n, "h_hot": hot_cell, "h_cnt": cnt_cell}
-            else:
-                vals = {"h_target": block.end & 0xFFFFFFFF}
+            vals = dict(vals, h_hot=hot_cell, h_cnt=cnt_cell)
             for s in st.slots:
                 cell = self.cells.alloc(8, 8)
                 slots.append(cell)
                 vals[s] = cell
-            vals[CONT] = end
+            vals[CONT] = place + len(st.code)
             buf[pos:pos + len(st.code)] = st.code
             for off, size_, pcrel, sym, addend in st.relocs:
                 v = vals[sym] + addend
@@ -547,8 +570,36 @@ class Builder:
             pos += len(st.code)
         ctypes.memmove(addr, bytes(buf), size)
         self.blocks += 1
-        self.seconds += time.perf_counter() - t0
         return addr, slots, hot_cell, cnt_cell
+
+
+_VALUE_INDEX = {h: i for i, h in enumerate(VALUE_HOLES)}
+_VAL = struct.Struct("<BI")
+
+
+def _recipe(plan):
+    """[(stencil, digest, values)] as bytes: per part the digest, the count and (hole, value)s."""
+    out = bytearray(struct.pack("<H", len(plan)))
+    for _, dg, vals in plan:
+        out += dg + bytes([len(vals)])
+        for h, v in vals.items():
+            out += _VAL.pack(_VALUE_INDEX[h], v & 0xFFFFFFFF)
+    return bytes(out)
+
+
+def _parse_recipe(data):
+    n, = struct.unpack_from("<H", data, 0)
+    pos, out = 2, []
+    for _ in range(n):
+        dg, m = data[pos:pos + 16], data[pos + 16]
+        pos += 17
+        vals = {}
+        for _ in range(m):
+            h, v = _VAL.unpack_from(data, pos)
+            pos += _VAL.size
+            vals[VALUE_HOLES[h]] = v
+        out.append((dg, vals))
+    return out
 
 
 _shared = None
