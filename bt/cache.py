@@ -288,7 +288,8 @@ class CodeCache:
         self.counters["compiled_blocks"] += 1
         _MEMO[memo_key] = tb
         if self.disk is not None:
-            self._unsaved.append((tb, recipe))
+            # The window now: at save time the guest memory may be gone (a closed snippet).
+            self._unsaved.append((tb, recipe, self.fetch(tb.eip, diskcache.WINDOW)))
             if len(self._unsaved) >= STENCIL_BATCH:
                 self.save_stencil_blocks()
         return self._adopt([tb], blk.eip, blk.key, fresh={tb})
@@ -302,18 +303,16 @@ class CodeCache:
     def save_stencil_blocks(self):
         """Store the recipes of the blocks built from stencils since the last call (one disk-cache
         entry, tier STENCIL_TIER): a later run rebuilds them without decoding."""
-        todo = [(tb, r) for tb, r in self._unsaved if tb.owner is self]
-        self._unsaved = []
+        todo, self._unsaved = self._unsaved, []
         by_key = defaultdict(list)
-        for tb, r in todo:
-            by_key[tb.key].append((tb, r))
+        for item in todo:
+            by_key[item[0].key].append(item)
         for key, items in by_key.items():
-            stored = [(tb.eip, tb.block.raw, self.fetch(tb.eip, diskcache.WINDOW), tb.ninsns, tb.name, [])
-                      for tb, _ in items]
-            obj = b"".join(struct.pack("<I", len(r)) + r for _, r in items)
+            stored = [(tb.eip, tb.block.raw, w, tb.ninsns, tb.name, []) for tb, _, w in items]
+            obj = b"".join(struct.pack("<I", len(r)) + r for _, r, _ in items)
             name = self.disk.store(key, stored, obj, tier=STENCIL_TIER)
             if name is not None:
-                _ENTRIES[name] = (STENCIL_TIER, [tb for tb, _ in items])
+                _ENTRIES[name] = (STENCIL_TIER, [tb for tb, _, _ in items])
                 self.counters["persistent_stores"] += 1
 
     def _attach_counter(self, tb):

@@ -132,6 +132,9 @@ class DiskCache:
         head = self._name(eip, key, window)
         names = [n for n in reversed(self.index().get((eip, key, self._wdigest(window)), ())) if n != head]
         names.append(head)
+        # Tier-2 regions first, however old: a tier-1 batch stored later (stencil blocks are
+        # stored at exit, after the regions made during the run) must not shadow them.
+        names.sort(key=lambda n: self._tiers.get(n) != 2)
         return names
 
     def has(self, eip, key, window):
