@@ -234,9 +234,15 @@ class SystemCPU(CPU):
             phys = self.translate(lin_page, False, self.cpl == 3, True)[0] & ~0xFFF
         except PageFault:
             return
-        self.code_phys.setdefault(phys, set()).add(lin_page)
-        self.tlb_flush_page(lin_page)
-        self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
+        self._track_code(phys, lin_page)
+
+    def _track_code(self, phys, lin_page):
+        """Blocks on lin_page have bytes from the physical page phys: writes to phys must trap."""
+        lins = self.code_phys.setdefault(phys, set())
+        if lin_page not in lins:
+            lins.add(lin_page)
+            self.tlb_flush_page(lin_page)
+            self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
 
     # ---- control registers and mode ---------------------------------------------------------------
     def flush_translations(self):
@@ -260,12 +266,19 @@ class SystemCPU(CPU):
         self.switch_address_space(keep_global=bool(self.cr4 & CR4_PGE))
 
     def _on_install(self, tb):
-        """Remember the physical page a block came from (checked again at every lookup)."""
-        try:
-            phys = self.translate(tb.eip, False, S.key_cpl(tb.key) == 3, True)[0]
-        except PageFault:
-            return
-        self.block_phys[(tb.eip, tb.key)] = phys & ~0xFFF
+        """Remember the physical page a block came from (checked again at every lookup), and
+        track the physical page of each of its linear pages: the cache announces a linear page
+        (_code_page) only when it gets its first block, and the page may already hold blocks
+        translated while it mapped another physical page (another address space)."""
+        user = S.key_cpl(tb.key) == 3
+        for i, lin in enumerate(tb.pages):
+            try:
+                phys = self.translate(tb.eip if i == 0 else lin, False, user, True)[0] & ~0xFFF
+            except PageFault:
+                continue
+            if i == 0:
+                self.block_phys[(tb.eip, tb.key)] = phys
+            self._track_code(phys, lin)
 
     def switch_address_space(self, keep_global=False):
         """A new linear->physical mapping.  Translated blocks are kept: a block is re-checked
