@@ -475,6 +475,24 @@ class CodeCache:
             self.insns.pop(k, None)
         return len(tbs)
 
+    def invalidate_range(self, page, start, end, cause="smc"):
+        """Drop the blocks with bytes at offsets [start, end) of a guest page (and the page's
+        decoded callout instructions); returns how many blocks.  Blocks elsewhere on the page stay."""
+        tbs = []
+        for tb in self.by_page.get(page, ()):
+            a = tb.eip - page
+            if a > 0xFFF:
+                a -= 1 << 32            # a block that wraps around the top of the address space
+            if a < end and start < a + len(tb.block.raw):
+                tbs.append(tb)
+        for tb in tbs:
+            self.forget(tb, cause)
+        if not self.by_page.get(page):
+            self.by_page.pop(page, None)
+        for k in self.insns_by_page.pop(page, ()):
+            self.insns.pop(k, None)
+        return len(tbs)
+
     def instruction(self, eip, key):
         """The decoded instruction at (eip, key), for the runtime's callout handlers; None if the
         bytes do not decode.  Kept until its page is invalidated, like the blocks, so a callout

@@ -14,7 +14,8 @@ The index is a folder of append-only logs of fixed-size records, one log per
 process (so writers never contend), merged into one when they pile up; a record
 whose entry was evicted or is corrupt just misses.
 
-Folder: ~/.cache/btvm/code (BTVM_CACHE_DIR overrides, BTVM_NO_CACHE=1 disables).
+Folder: ~/.cache/btvm/code (BTVM_CACHE_DIR overrides, BTVM_NO_CACHE=1 disables; the command
+line's --cache-dir and --no-cache override both, through configure()).
 Writes are atomic (temporary file + os.replace), so concurrent processes are
 safe; an entry that is truncated, corrupt or from another version is ignored
 (and replaced by the rebuilt one).  The folder is kept under BTVM_CACHE_MAX_MB
@@ -55,7 +56,36 @@ def source_hash():
     return _source_hash
 
 
+# Set by configure() (the command line): None = the environment decides, False = disabled, else a folder.
+_configured = None
+
+
+def configure(directory=None, enabled=True):
+    """Choose the folder for this process, over BTVM_CACHE_DIR/BTVM_NO_CACHE: `btvm run|boot
+    --cache-dir DIR` / `--no-cache`.  enabled=False disables the cache; a directory that cannot be
+    created or written disables it too, and the reason is returned (else None)."""
+    global _configured
+    if not enabled:
+        _configured = False
+        return None
+    if directory is None:
+        _configured = None
+        return None
+    d = Path(directory).expanduser()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        _configured = False
+        return (exc.strerror or str(exc)).lower()
+    _configured = d
+    return None
+
+
 def default_dir():
+    if _configured is not None:
+        return _configured or None
     if os.environ.get("BTVM_NO_CACHE", "") not in ("", "0"):
         return None
     d = os.environ.get("BTVM_CACHE_DIR")

@@ -30,6 +30,30 @@ def _cmd_callouts(args):
     return 0
 
 
+def _configure_cache(args, cmd):
+    """--cache-dir DIR / --no-cache: the persistent translation cache's folder for this process
+    (bt.diskcache.configure, over BTVM_CACHE_DIR and BTVM_NO_CACHE).  A folder that cannot be
+    created or written costs one line on stderr and the run goes on without the cache."""
+    from bt import diskcache
+    why = diskcache.configure(args.cache_dir, enabled=not args.no_cache)
+    if why:
+        print(f"btvm {cmd}: --cache-dir {args.cache_dir}: {why}; running without the translation cache",
+              file=sys.stderr)
+
+
+def _add_cache_options(parser, single_dash=False):
+    # `btvm boot` spells its options QEMU's way (-kernel, -no-stdin): there both spellings work.
+    short = ("-cache-dir",) if single_dash else ()
+    parser.add_argument("--cache-dir", *short, dest="cache_dir", metavar="DIR",
+                        help="keep the persistent translation cache in DIR, created if missing (default "
+                             "~/.cache/btvm/code; overrides BTVM_CACHE_DIR and BTVM_NO_CACHE); if DIR cannot "
+                             "be written, one line on stderr and the guest runs without the cache")
+    short = ("-no-cache",) if single_dash else ()
+    parser.add_argument("--no-cache", *short, dest="no_cache", action="store_true",
+                        help="do not read or write the persistent translation cache (as BTVM_NO_CACHE=1; "
+                             "wins over --cache-dir)")
+
+
 def _cmd_run(args):
     import os
     import signal
@@ -38,6 +62,7 @@ def _cmd_run(args):
     if not args.program:
         print("btvm run: missing PROGRAM", file=sys.stderr)
         return 2
+    _configure_cache(args, "run")
     prog, *rest = args.program
     if rest[:1] == ["--"] and prog != "--":
         pass
@@ -82,6 +107,7 @@ def _cmd_run(args):
 def _cmd_boot(args):
     from runtime.boot.linux import is_bzimage
     from runtime.boot.multiboot import find_header
+    _configure_cache(args, "boot")
     if args.kernel is None:
         from runtime.boot.demo import image
         kernel = image()
@@ -200,17 +226,24 @@ def build_parser():
                          "every boot would otherwise never end)")
     bo.add_argument("-no-reboot", dest="reboot", action="store_false",
                     help="exit on a triple fault or a reset request (the default; accepted as in QEMU)")
+    _add_cache_options(bo, single_dash=True)
     bo.set_defaults(fn=_cmd_boot)
     rn = sub.add_parser("run", help="run a static i386 Linux program (user mode)",
-                        usage="btvm run [--strace] [--clean-env] [-E VAR=VALUE]... [--] PROGRAM [ARGS...]")
+                        usage="btvm run [--strace] [--clean-env] [-E VAR=VALUE]... [--cache-dir DIR | --no-cache] "
+                              "[--] PROGRAM [ARGS...]",
+                        description="Options come before PROGRAM: everything after it is the program's.")
     rn.add_argument("--strace", action="store_true", help="print each system call to stderr")
     rn.add_argument("-E", dest="env", action="append", default=[], metavar="VAR=VALUE",
                     help="set an environment variable for the program (repeatable)")
     rn.add_argument("--clean-env", action="store_true", help="start from an empty environment")
+    _add_cache_options(rn)
     rn.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM ARGS")
     rn.set_defaults(fn=_cmd_run)
     pr = sub.add_parser("profile", help="run a guest (run, boot or exec) and report the code cache's counters",
-                        usage="btvm profile [--json FILE] [--html FILE] [--top N] (run|boot|exec) ARGS...")
+                        usage="btvm profile [--json FILE] [--html FILE] [--top N] (run|boot|exec) ARGS...",
+                        description="ARGS are the options and operands of `btvm run`, `btvm boot` or `btvm exec`, "
+                                    "the cache options included: btvm profile boot --no-cache -kernel FILE ..., "
+                                    "btvm profile run --cache-dir DIR PROGRAM ARGS...")
     pr.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     pr.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with plots")
     pr.add_argument("--top", metavar="N", type=int, default=10, help="hottest blocks to list (default 10)")

@@ -246,3 +246,81 @@ def test_folder_size_is_kept_in_a_file(tmp_path):
         sum(p.stat().st_size for p in Path(tmp_path).rglob("*.log"))
     assert total <= 40_000
     assert int((tmp_path / DiskCache.SIZE_FILE).read_text()) <= 40_000
+
+
+# ---- the command line: --cache-dir DIR, --no-cache (issue 6) ----------------------------------------
+GUESTS = Path(os.environ.get("BTVM_GUESTS", Path.home() / ".cache/btvm/guests"))
+BUSYBOX = GUESTS / "x/busybox-static/bin/busybox"
+needs_busybox = pytest.mark.skipif(not BUSYBOX.is_file(), reason="busybox-static not fetched (tools/fetch_guests.sh)")
+
+
+def _btvm(args, **env):
+    """Run the btvm command with BTVM_CACHE_DIR/BTVM_NO_CACHE only as given."""
+    e = {k: v for k, v in os.environ.items() if k not in ("BTVM_CACHE_DIR", "BTVM_NO_CACHE")}
+    e.update(env)
+    return subprocess.run([sys.executable, "-m", "runtime.cli"] + args, cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_busybox
+def test_run_cache_dir_option(tmp_path):
+    """--cache-dir D stores under D, over both environment variables; options after PROGRAM are
+    the guest's (its --no-cache does not disable the cache)."""
+    d, env_dir = tmp_path / "d", tmp_path / "env"
+    r = _btvm(["run", "--cache-dir", str(d), str(BUSYBOX), "echo", "hi", "--no-cache"],
+              BTVM_CACHE_DIR=str(env_dir), BTVM_NO_CACHE="1")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "hi --no-cache\n", "")
+    assert _entries(d) and not env_dir.exists()
+
+
+@needs_busybox
+def test_run_no_cache_option(tmp_path):
+    env_dir = tmp_path / "env"
+    r = _btvm(["run", "--no-cache", str(BUSYBOX), "echo", "hi"], BTVM_CACHE_DIR=str(env_dir))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "hi\n", "")
+    assert not _entries(env_dir)
+    r = _btvm(["run", "--no-cache", "--cache-dir", str(env_dir), str(BUSYBOX), "true"])
+    assert r.returncode == 0 and not _entries(env_dir)          # --no-cache wins
+
+
+@needs_busybox
+def test_run_unusable_cache_dir(tmp_path):
+    """A folder that cannot be made (here: under a regular file; root may write anywhere else) is
+    one line on stderr, and the guest runs without the cache."""
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "cache"
+    r = _btvm(["run", "--cache-dir", str(bad), str(BUSYBOX), "echo", "hi"])
+    assert r.returncode == 0 and r.stdout == "hi\n"
+    assert r.stderr.count("\n") == 1 and f"--cache-dir {bad}" in r.stderr and "without the translation cache" in r.stderr
+
+
+def test_boot_cache_options(tmp_path):
+    """`btvm boot` (the demo guest) takes both spellings, QEMU's single dash and the double one."""
+    env_dir = tmp_path / "env"
+    for opt in ("-no-cache", "--no-cache"):
+        r = _btvm(["boot", "-no-stdin", opt], BTVM_CACHE_DIR=str(env_dir))
+        assert r.returncode == 0 and "done, powering off" in r.stdout, r.stderr
+        assert not _entries(env_dir)
+    for opt in ("-cache-dir", "--cache-dir"):
+        d = tmp_path / opt
+        r = _btvm(["boot", "-no-stdin", opt, str(d)], BTVM_NO_CACHE="1")
+        assert r.returncode == 0 and "done, powering off" in r.stdout, r.stderr
+        assert _entries(d)
+    assert not env_dir.exists()
+
+
+def test_profile_passes_cache_options_through(tmp_path):
+    """`btvm profile boot ...` takes boot's options: a second run with the same --cache-dir compiles
+    nothing, and --no-cache neither reads nor writes it."""
+    d, j = tmp_path / "d", tmp_path / "p.json"
+
+    def profile(*opts):
+        r = _btvm(["profile", "--json", str(j), "boot", "-no-stdin", *opts], BTVM_NO_CACHE="1")
+        assert r.returncode == 0 and "btvm profile:" in r.stderr, r.stderr
+        return json.loads(j.read_text())
+    first = profile("--cache-dir", str(d))
+    assert first["compiled_blocks"] > 0 and first["persistent_stores"] > 0 and _entries(d)
+    second = profile("--cache-dir", str(d))
+    assert second["compiled_blocks"] == 0 and second["persistent_hits"] > 0
+    third = profile("--no-cache", "--cache-dir", str(d))
+    assert third["persistent_hits"] == 0 and third["persistent_stores"] == 0

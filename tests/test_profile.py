@@ -16,6 +16,9 @@ def test_profile_boot_demo_json_and_html(tmp_path):
         assert key in r
     assert r["lookups"] == r["hits"] + r["misses"]
     assert len(r["hottest"]) == 3 and all(b["disassembly"] and b["executions"] > 0 for b in r["hottest"])
-    assert r["invalidations"].get("smc", 0) > 0          # the demo writes its IDT next to its code
+    # The demo's timer handler counts ticks in a dword on a page of its code, outside every block:
+    # those writes invalidate nothing (they did invalidate the page's blocks, 252 of them, until
+    # writes were checked against the blocks' bytes: tests/test_smc_system.py).
+    assert r["invalidations"].get("smc", 0) == 0
     page = h.read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and r["hottest"][0]["eip"] in page

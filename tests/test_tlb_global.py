@@ -80,3 +80,13 @@ def test_write_through_a_non_global_alias_invalidates_translated_code():
     out = _run(_map(A) + _code(1, 0x200000) + "    mov ebx, 0x205000\n    call ebx\n" + store(0)
                + _code(2, 0x200000) + "    call ebx\n" + store(1))
     assert out[:2] == [1, 2]
+
+
+def test_code_on_a_linear_page_that_maps_another_physical_page_now_is_tracked():
+    # 0x200000 maps A, then B (a CR3 write: another address space): the block at 0x200100 comes from
+    # B while the linear page still holds the block at 0x200000 from A.  Writes to B must reach
+    # the slow path that invalidates it (they went through a write TLB entry: stale code ran).
+    out = _run(_map(A) + CR3 + _code(1, 0x205000) + "    mov ebx, 0x200000\n    call ebx\n" + store(0)
+               + _map(B) + CR3 + _code(2, 0x206100) + "    mov ebx, 0x200100\n    call ebx\n" + store(1)
+               + _code(3, 0x206100) + "    call ebx\n" + store(2))
+    assert out[:3] == [1, 2, 3]

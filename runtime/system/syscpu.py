@@ -20,6 +20,9 @@ from .paging import Walker, PageFault, CR0_PE, CR0_PG, CR0_WP, CR0_ET, CR0_EM, C
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_, GP, PF, MF, AC = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17
 CONTRIBUTORY = {DE, TS, NP, SS_, GP}
 EFLAGS_USER_MASK = 0x3F7FD7
+# Trapped writes to a page of translated code that may miss every block on it before the whole
+# page is invalidated (see SystemCPU._phys_written).
+SMC_SPARE_WRITES = 64
 
 
 class TripleFault(Exception):
@@ -50,6 +53,7 @@ class SystemCPU(CPU):
                      Segment.flat(0x10, False), Segment.flat(0x10, False), Segment.flat(0x10, False)]
         self.msr = {}
         self.code_phys = {}     # physical page -> linear pages holding translated code
+        self.smc_spare = {}     # physical page in code_phys -> trapped writes left that may hit no block
         self.walker = Walker(self.read_phys32, self.write_phys32)
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
@@ -119,11 +123,32 @@ class SystemCPU(CPU):
         return int.from_bytes(self.read_lin(lin, 4, user), "little")
 
     def _phys_written(self, phys, n):
+        """Guest bytes [phys, phys + n) were written: drop the translated blocks they overlap.
+        Blocks elsewhere on the page stay, and so does the page's write trap while any block is
+        left (a kernel patching call sites - ftrace, alternatives, static keys - rewrites a few
+        bytes here and there in pages of running code), but after SMC_SPARE_WRITES trapped writes
+        that hit no block the page's blocks are all dropped, and writes to it run at full speed
+        again until code is translated there anew (code next to busy data)."""
+        cache = self.cache
         for page in {phys & ~0xFFF, (phys + n - 1) & ~0xFFF}:
-            lins = self.code_phys.pop(page, None)
-            if lins:
-                for lin in lins:
-                    self.cache.invalidate_page(lin, "smc")
+            lins = self.code_phys.get(page)
+            if lins is None:
+                continue
+            spare = self.smc_spare.get(page, SMC_SPARE_WRITES)
+            lo, hi = max(phys, page) - page, min(phys + n, page + 0x1000) - page
+            hit = 0
+            for lin in list(lins):
+                # By linear page: the blocks there may come from another physical page (another
+                # address space), which only costs those blocks a translation.
+                hit += cache.invalidate_range(lin, lo, hi, "smc") if spare else cache.invalidate_page(lin, "smc")
+                if not cache.has_code(lin):
+                    lins.discard(lin)
+            if not lins or not spare:
+                del self.code_phys[page]
+                self.smc_spare.pop(page, None)
+            elif not hit:
+                self.smc_spare[page] = spare - 1
+            if hit:
                 self.st.smc = 1
 
     # ---- soft-MMU slow paths ------------------------------------------------------------------
@@ -234,9 +259,15 @@ class SystemCPU(CPU):
             phys = self.translate(lin_page, False, self.cpl == 3, True)[0] & ~0xFFF
         except PageFault:
             return
-        self.code_phys.setdefault(phys, set()).add(lin_page)
-        self.tlb_flush_page(lin_page)
-        self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
+        self._track_code(phys, lin_page)
+
+    def _track_code(self, phys, lin_page):
+        """Blocks on lin_page have bytes from the physical page phys: writes to phys must trap."""
+        lins = self.code_phys.setdefault(phys, set())
+        if lin_page not in lins:
+            lins.add(lin_page)
+            self.tlb_flush_page(lin_page)
+            self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
 
     # ---- control registers and mode ---------------------------------------------------------------
     def flush_translations(self):
@@ -244,6 +275,7 @@ class SystemCPU(CPU):
         self.tlb_flush()
         self.cache.flush("mode")
         self.code_phys.clear()
+        self.smc_spare.clear()
 
     def set_cr0(self, v):
         v |= CR0_ET
@@ -260,12 +292,19 @@ class SystemCPU(CPU):
         self.switch_address_space(keep_global=bool(self.cr4 & CR4_PGE))
 
     def _on_install(self, tb):
-        """Remember the physical page a block came from (checked again at every lookup)."""
-        try:
-            phys = self.translate(tb.eip, False, S.key_cpl(tb.key) == 3, True)[0]
-        except PageFault:
-            return
-        self.block_phys[(tb.eip, tb.key)] = phys & ~0xFFF
+        """Remember the physical page a block came from (checked again at every lookup), and
+        track the physical page of each of its linear pages: the cache announces a linear page
+        (_code_page) only when it gets its first block, and the page may already hold blocks
+        translated while it mapped another physical page (another address space)."""
+        user = S.key_cpl(tb.key) == 3
+        for i, lin in enumerate(tb.pages):
+            try:
+                phys = self.translate(tb.eip if i == 0 else lin, False, user, True)[0] & ~0xFFF
+            except PageFault:
+                continue
+            if i == 0:
+                self.block_phys[(tb.eip, tb.key)] = phys
+            self._track_code(phys, lin)
 
     def switch_address_space(self, keep_global=False):
         """A new linear->physical mapping.  Translated blocks are kept: a block is re-checked
