@@ -615,12 +615,20 @@ def version():
 
 
 def shared_builder():
-    """The process's stencil library (stored under bt.diskcache's folder unless disabled)."""
-    global _shared
+    """The process's stencil library (stored under bt.diskcache's folder unless disabled), or
+    None where executable memory below 2 GiB cannot be had (the LLVM tier 1 then does it all)."""
+    global _shared, ENABLED
     if _shared is None:
         from .diskcache import default_dir
         root = default_dir()
-        _shared = Builder(Library(Store(root, version()) if root is not None else None))
+        b = Builder(Library(Store(root, version()) if root is not None else None))
+        try:
+            b.code.alloc(16)
+            b.cells.alloc(16)
+        except (OSError, MemoryError, ValueError):
+            ENABLED = False
+            return None
+        _shared = b
     return _shared
 
 
