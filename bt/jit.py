@@ -21,6 +21,14 @@ def _init():
             _initialized = True
 
 
+def host_target_machine(opt, **kw):
+    """A TargetMachine for this host's CPU and features at codegen level opt (kw: jit=True,
+    reloc=..., codemodel=...): every tier compiles for the machine it runs on."""
+    _init()
+    return llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=opt, **kw)
+
+
 class ModuleText:
     """Accumulates the IR text of one batch: declarations, chain-slot globals, functions."""
 
@@ -72,14 +80,9 @@ class JIT:
     so a block that invalidated itself can still run to its exit)."""
 
     def __init__(self, opt=2, codegen_opt=None):
-        _init()
         self.opt = opt
         self.codegen_opt = codegen_opt
-        target = llvm.Target.from_default_triple()
-        self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                               features=llvm.get_host_cpu_features().flatten(),
-                                               opt=opt if codegen_opt is None else codegen_opt,
-                                               jit=True)
+        self.tm = host_target_machine(opt if codegen_opt is None else codegen_opt, jit=True)
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
         self.modules = 0
         self.compile_seconds = 0.0

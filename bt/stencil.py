@@ -35,7 +35,7 @@ from . import emit, state as S
 from .codemem import Arena
 from .decode import Block
 from .emit import Emitter, Hole, HoleUse, ITY
-from .jit import ModuleText, _init
+from .jit import ModuleText, _init, host_target_machine
 from .semantics import TABLE, Unsupported, ends_block
 from .translate import emit_insn
 
@@ -70,7 +70,6 @@ class Stencil:
     __slots__ = ("code", "relocs", "slots", "falls_through")
 
     def __init__(self, code, relocs):
-        self.relocs = relocs
         # The jump to the next stencil at the very end is dropped: the next one is copied there.
         self.falls_through = False
         if relocs and relocs[-1][3] == CONT and relocs[-1][0] == len(code) - 4 and code[-5] == 0xE9:
@@ -85,6 +84,18 @@ class Stencil:
 
 
 # ---- shapes --------------------------------------------------------------------------------
+def _plain_entry(e):
+    """Stencil entry without a block prologue: the state is in memory, loaded where read."""
+    e.lines.append("entry:")
+    e.reload()
+
+
+def _continue(e):
+    """Go on to the next stencil (a jump that Stencil drops when the next one follows it)."""
+    r = e.op(f"musttail call i32 @{CONT}(ptr %st)", "i32")
+    e.emit(f"ret i32 {r.s}")
+
+
 class _HoledInsn:
     """A decode.Insn with holes for its address, length-derived next address and some operands."""
     __slots__ = ("addr", "size", "raw", "id", "mnemonic", "op_str", "ops", "rep", "lock", "opsize",
@@ -156,16 +167,13 @@ class InsnShape:
             return self.cross[target.name]
         raise HoleUse("direct exit without a page decision")
 
-    def prologue(self, e):
-        e.lines.append("entry:")
-        e.reload()
+    prologue = staticmethod(_plain_entry)
 
     def emit(self, e):
         emit_insn(e, 0, self.holed())
         if not e.terminated:
             e.flush()
-            r = e.op(f"musttail call i32 @{CONT}(ptr %st)", "i32")
-            e.emit(f"ret i32 {r.s}")
+            _continue(e)
 
 
 class HeadShape:
@@ -179,9 +187,7 @@ class HeadShape:
         e._emit_prologue(Hole("h_beip"), Hole("h_n"), hot="h_hot" if self.hot else None,
                          counter="h_cnt" if self.count else None)
 
-    def emit(self, e):
-        r = e.op(f"musttail call i32 @{CONT}(ptr %st)", "i32")
-        e.emit(f"ret i32 {r.s}")
+    emit = staticmethod(_continue)
 
 
 class TailShape:
@@ -191,9 +197,7 @@ class TailShape:
         self.cross = cross
         self.key = ("t", key, bool(cross) if key & S.KEY_PG else False)
 
-    def prologue(self, e):
-        e.lines.append("entry:")
-        e.reload()
+    prologue = staticmethod(_plain_entry)
 
     def crosses_page(self, target):
         return self.cross
@@ -211,11 +215,7 @@ class Library:
     """Compiled stencils by shape key; compiles missing ones in batches."""
 
     def __init__(self, store=None):
-        _init()
-        target = llvm.Target.from_default_triple()
-        self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                               features=llvm.get_host_cpu_features().flatten(),
-                                               opt=CODEGEN_OPT, reloc="static", codemodel="small")
+        self.tm = host_target_machine(CODEGEN_OPT, reloc="static", codemodel="small")
         self.stencils = {}          # shape key -> Stencil, ESCALATE, or None: cannot be a stencil
         self.store = store
         self.loaded = 0             # stencils taken from the store

@@ -48,12 +48,8 @@ class Optimizer:
     """Compiles tier-2 modules to relocatable objects, off the guest's thread."""
 
     def __init__(self, sync=SYNC):
-        from .jit import _init
-        _init()
-        target = llvm.Target.from_default_triple()
-        self.tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                               features=llvm.get_host_cpu_features().flatten(),
-                                               opt=OPT, jit=True)
+        from .jit import host_target_machine
+        self.tm = host_target_machine(OPT, jit=True)
         self.sync = sync
         self.done = deque()          # finished jobs: appended by the worker, drained by code caches
         self._todo = deque()
