@@ -38,7 +38,7 @@ TIER2 = []
 TRACK = None
 _DISKS = {}
 # Blocks built from stencils are stored STENCIL_BATCH at a time (and at exit, and before a fork).
-STENCIL_BATCH = 32
+STENCIL_BATCH = 128
 STENCIL_TIER = 3            # the disk-cache entry kind of stencil recipes
 _LIVE = weakref.WeakSet()
 

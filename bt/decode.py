@@ -5,6 +5,8 @@ decoded once and the result kept by the code cache.  Everything the
 semantics need is copied out of Capstone's objects into plain tuples here:
 semantics never see Capstone types.
 """
+import ctypes
+import struct
 from dataclasses import dataclass, field
 
 import capstone
@@ -120,47 +122,103 @@ def _reg_operand(rid, size):
     return Op("other", size, reg=r[1] if isinstance(r, tuple) else rid)
 
 
-def _mem_operand(m, size, addrsize, seg_override):
-    base = _REGS.get(m.base) if m.base else None
-    index = _REGS.get(m.index) if m.index else None
+def _mem_operand(segment, base, index, scale, disp, addrsize, seg_override):
+    base = _REGS.get(base) if base else None
+    index = _REGS.get(index) if index else None
     if base is not None and not isinstance(base, Reg):
         raise DecodeError("unsupported base register")
     if index is not None and not isinstance(index, Reg):
         raise DecodeError("unsupported index register")
-    if m.segment:
-        seg = _REGS[m.segment][1]
+    if segment:
+        seg = _REGS[segment][1]
     elif seg_override is not None:
         seg = seg_override
     elif base is not None and base.index in (4, 5):   # ESP/EBP (and BP in 16-bit) default to SS
         seg = S.SS
     else:
         seg = S.DS
-    return Mem(seg, base, index, m.scale, m.disp, addrsize == 2)
+    return Mem(seg, base, index, scale, disp, addrsize == 2)
 
 
-def normalize(ci, bits=32):
-    """Turn one Capstone instruction into an Insn."""
-    pfx = ci.prefix
+# Capstone's structures read with struct at their ctypes offsets: the binding's CsInsn copies
+# each instruction's ~1.9 KB detail and builds Python objects for every field asked for, which
+# made decoding ~20 us per instruction (a tenth of a cold Linux boot).
+def _struct(fields):
+    """A struct.Struct reading [(field offset, format)] in order (the gaps skipped)."""
+    fmt, pos = "<", 0
+    for off, f in fields:
+        fmt += f"{off - pos}x{f}" if off > pos else f
+        pos = off + struct.calcsize("<" + f)
+    return struct.Struct(fmt)
+
+
+_I, _D, _X, _XO = capstone._cs_insn, capstone._cs_detail, X.CsX86, X.X86Op
+_ARCH = _D.arch.offset
+_INSN = _struct([(_I.id.offset, "I"), (_I.address.offset, "Q"), (_I.size.offset, "H"), (_I.bytes.offset, "24s"),
+                 (_I.mnemonic.offset, "32s"), (_I.op_str.offset, "160s"), (_I.detail.offset, "Q")])
+_DETAIL = _struct([(_D.groups.offset, "8s"), (_D.groups_count.offset, "B"), (_ARCH + _X.prefix.offset, "4s"),
+                   (_ARCH + _X.addr_size.offset, "B"), (_ARCH + _X.op_count.offset, "B")])
+_OPS_AT = _ARCH + _X.operands.offset
+_OP = _struct([(_XO.type.offset, "I"), (_XO.value.offset, "IIIiq"), (_XO.size.offset, "B")])
+_OP_IMM = struct.Struct("<q")
+_OP_SIZE = ctypes.sizeof(_XO)
+_DETAIL_SIZE = _OPS_AT + 8 * _OP_SIZE
+_INSN_SIZE = ctypes.sizeof(_I)
+_REG_OPS = {}
+
+
+def _cstr(b):
+    return b[:b.index(0)].decode() if 0 in b else b.decode()
+
+
+def disasm(code, addr, count, bits=32):
+    """Decode up to count instructions of code (bytes) at addr: a generator of Insns that stops
+    at the first bytes that are not an instruction.  Each Insn is built only when asked for (a
+    block ends long before the count, usually): close the generator early to free Capstone's
+    memory at once."""
+    cs = _disassembler(bits)
+    arr = ctypes.POINTER(capstone._cs_insn)()
+    n = capstone._cs.cs_disasm(cs.csh, code, len(code), addr, count, ctypes.byref(arr))
+    if n <= 0:
+        return
+    try:
+        buf = ctypes.string_at(ctypes.addressof(arr.contents), n * _INSN_SIZE)
+        for k in range(n):
+            yield _normalize(buf, k * _INSN_SIZE, bits)
+    finally:
+        capstone._cs.cs_free(arr, n)
+
+
+def _normalize(buf, at, bits):
+    """One Capstone cs_insn (at offset at of buf) as an Insn."""
+    iid, address, size, raw, mnemonic, op_str, dptr = _INSN.unpack_from(buf, at)
+    d = ctypes.string_at(dptr, _DETAIL_SIZE)
+    groups, ngroups, pfx, addrsize, nops = _DETAIL.unpack_from(d)
     rep = pfx[0] if pfx[0] in (0xF2, 0xF3) else 0
     lock = pfx[0] == 0xF0
     seg_override = _SEG_PREFIX.get(pfx[1])
-    default = 4 if bits == 32 else 2
-    other = 2 if bits == 32 else 4
-    opsize = other if pfx[2] == 0x66 else default
-    addrsize = ci.addr_size
+    if bits == 32:
+        opsize = 2 if pfx[2] == 0x66 else 4
+    else:
+        opsize = 4 if pfx[2] == 0x66 else 2
     ops = []
-    for o in ci.operands:
-        if o.type == X.X86_OP_REG:
-            ops.append(_reg_operand(o.reg, o.size))
-        elif o.type == X.X86_OP_IMM:
+    for k in range(nops):
+        pos = _OPS_AT + k * _OP_SIZE
+        typ, v0, v1, v2, v3, v4, osize = _OP.unpack_from(d, pos)
+        if typ == X.X86_OP_REG:
+            op = _REG_OPS.get((v0, osize))
+            if op is None:
+                op = _REG_OPS[(v0, osize)] = _reg_operand(v0, osize)
+            ops.append(op)
+        elif typ == X.X86_OP_IMM:
             # Capstone reports size 0 for the implicit count of the D0/D1 shift forms.
-            ops.append(Op("imm", o.size or 1, imm=o.imm))
-        elif o.type == X.X86_OP_MEM:
-            ops.append(Op("mem", o.size, mem=_mem_operand(o.mem, o.size, addrsize, seg_override)))
+            ops.append(Op("imm", osize or 1, imm=_OP_IMM.unpack_from(d, pos + _XO.value.offset)[0]))
+        elif typ == X.X86_OP_MEM:
+            ops.append(Op("mem", osize, mem=_mem_operand(v0, v1, v2, v3, v4, addrsize, seg_override)))
         else:
             raise DecodeError("unknown operand type")
-    return Insn(ci.address, ci.size, bytes(ci.bytes), ci.id, ci.mnemonic, ci.op_str, tuple(ops),
-                rep, lock, opsize, addrsize, seg_override, tuple(ci.groups))
+    return Insn(address, size, raw[:size], iid, _cstr(mnemonic), _cstr(op_str), tuple(ops),
+                rep, lock, opsize, addrsize, seg_override, tuple(groups[:ngroups]))
 
 
 @dataclass
@@ -203,17 +261,26 @@ def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS):
     page_end = (eip & ~(PAGE - 1)) + PAGE
     code = fetch(eip, page_end - eip + 15)
     blk = Block(eip, key)
-    cs = _disassembler(bits)
     pos = eip
-    # count bounds the work: the binding decodes (with detail) everything it is given up front.
-    for ci in cs.disasm(code, eip, max_insns):
-        if ci.address != pos:
+    # Capstone decodes (with detail) all it is asked for up front: a few instructions at a time,
+    # since most blocks are short (decoding 64 at once cost more than the rest of a block's decode).
+    chunk = 4
+    while True:
+        want = min(chunk, max_insns - len(blk.insns))
+        got = 0
+        insns = disasm(code[pos - eip:], pos, want, bits)
+        try:
+            for insn in insns:
+                got += 1
+                blk.insns.append(insn)
+                pos += insn.size
+                if ends_block(insn) or len(blk.insns) >= max_insns or pos >= page_end:
+                    return blk
+        finally:
+            insns.close()
+        if got < want:
             break
-        insn = normalize(ci, bits)
-        blk.insns.append(insn)
-        pos += ci.size
-        if ends_block(insn) or len(blk.insns) >= max_insns or pos >= page_end:
-            return blk
+        chunk = 16
     # Capstone stopped: the bytes at pos do not decode, or were cut short by
     # memory that could not be fetched (the fetch fault is raised only if reached).
     truncated = len(code) < page_end - eip + 15

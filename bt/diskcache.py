@@ -159,9 +159,10 @@ class DiskCache:
 
     def candidates(self, eip, key, window):
         """Names of the entries that may hold the block, the most promising first."""
-        head = self._name(eip, key, window)
-        names = [n for n in reversed(self.index().get((eip, key, self._wdigest(window)), ())) if n != head]
-        names.append(head)
+        # Only what the index lists: probing the tier-1 batch's own name as well cost a failed
+        # open() per translation of a cold run (~2 s of a Linux boot).  An entry another process
+        # stores after this one loaded the index is missed: it is compiled again, never wrong.
+        names = list(reversed(self.index().get((eip, key, self._wdigest(window)), ())))
         # Tier-2 regions first, however old: a tier-1 batch stored later (stencil blocks are
         # stored at exit, after the regions made during the run) must not shadow them.
         names.sort(key=lambda n: self._tiers.get(n) != 2)

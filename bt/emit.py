@@ -128,6 +128,28 @@ class HoleUse(TypeError):
     """A semantic used a stencil hole as a concrete number."""
 
 
+class _StencilRegs(list):
+    """A stencil's register file: GPRs 0-7 by their own index, then the register holes
+    (bt.stencil: a register operand whose index is patched in).  Records which of 0-7 the
+    semantics touch by name: a hole that names one of those at run time would alias it."""
+    __slots__ = ("touched",)
+
+    def __getitem__(self, i):
+        if i < 8:
+            self.touched.add(i)
+        return list.__getitem__(self, i)
+
+    def __setitem__(self, i, v):
+        if i < 8:
+            self.touched.add(i)
+        list.__setitem__(self, i, v)
+
+
+def reg_offset(i):
+    """State offset of register i: 0-7 the GPRs, 8 and up the register holes of a stencil."""
+    return offset("regs") + 4 * i if i < 8 else Hole(f"h_reg{i - 8}")
+
+
 def const(value, t):
     if type(value) is Hole:
         return V(f"ptrtoint (ptr @{value.name} to {t})", t)
@@ -170,6 +192,7 @@ class Emitter:
         self.deferred = []            # out-of-line code (fault exits) appended after the body
         self.main_scope = self.scope = object()
         self.packs = {}
+        self.touched_regs = set()     # stencil mode: GPRs the semantics named (see _StencilRegs)
         if stencil is None:
             self._emit_prologue(block.eip, self.ninsns)
         else:
@@ -328,11 +351,13 @@ class Emitter:
 
     # ---- CPU state access ---------------------------------------------------
     def field(self, off):
-        """Pointer to the state field at byte offset off (computed once, in the entry block)."""
-        p = self.fields.get(off)
+        """Pointer to the state field at byte offset off, an int or a register Hole (computed
+        once, in the entry block)."""
+        name = off.name if type(off) is Hole else off
+        p = self.fields.get(name)
         if p is None:
-            p = self.fields[off] = V(f"%f{off}", PTR)
-            self.entry_lines.append(f"  %f{off} = getelementptr i8, ptr %st, i64 {off}")
+            p = self.fields[name] = V(f"%f{name}", PTR)
+            self.entry_lines.append(f"  %f{name} = getelementptr i8, ptr %st, i64 {const(off, 'i64').s}")
         return p
 
     def load_field(self, off, t):
@@ -380,8 +405,11 @@ class Emitter:
     def reload(self):
         """(Re)load every register and flag from the state: lazily, each at its first read."""
         self.main_scope = self.scope = object()     # values cached before do not dominate what follows
-        regs_off = offset("regs")
-        self.regs = [self._lazy_load(regs_off + 4 * i, "i32") for i in range(8)]
+        regs = [self._lazy_load(reg_offset(i), "i32") for i in range(8 + getattr(self.stencil, "vregs", 0))]
+        if self.stencil is not None:
+            regs = _StencilRegs(regs)
+            regs.touched = self.touched_regs
+        self.regs = regs
         ef = self.ef = self._lazy_load(offset("eflags"), "i32")
         self.flags = {f: Lazy(lambda b=b: self.bit(ef, b), "i1") for f, b in _FLAG_ORDER}
         self.eflags_other = Lazy(lambda: self.and_(ef, const(~_ALL_FLAGS_MASK, "i32")), "i32")
@@ -414,8 +442,7 @@ class Emitter:
 
     def _exit_stores(self, regs, flags, other, dirty_regs, dirty_flags, dirty_other, ef):
         """[(state offset, value)] an exit with this state writes back (computed where called)."""
-        regs_off = offset("regs")
-        out = [(regs_off + 4 * i, self.f(regs[i])) for i in sorted(dirty_regs)]
+        out = [(reg_offset(i), self.f(regs[i])) for i in sorted(dirty_regs)]
         if dirty_flags or dirty_other:
             out.append((offset("eflags"), self._packed_eflags(flags, other, dirty_flags, dirty_other, ef)))
         return out

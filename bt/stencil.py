@@ -33,7 +33,7 @@ import llvmlite.binding as llvm
 
 from . import emit, state as S
 from .codemem import Arena
-from .decode import Block
+from .decode import Block, Reg
 from .emit import Emitter, Hole, HoleUse, ITY
 from .jit import ModuleText, _init, host_target_machine
 from .semantics import TABLE, Unsupported, ends_block
@@ -44,13 +44,17 @@ from .translate import emit_insn
 # corpus's stencils).  Cold boots meet thousands of shapes, and hot code goes to tier 2 anyway.
 CODEGEN_OPT = int(os.environ.get("BTVM_STENCIL_CG", "0"))
 
-# What is left open, by level: 0 immediates and displacements, 1 displacements, 2 neither
-# (addresses and budget refunds are always holes).
+# What is left open, by level: 0 immediates, displacements and registers, 1 displacements and
+# registers, 2 nothing (addresses and budget refunds are always holes).  A register hole holds
+# the state offset of the register an operand names; the shape keeps which operands name the
+# same register, so two holes never alias each other (and see InsnShape.aliases).
 LEVELS = 3
 MAX_OPS = 4
 MAX_SLOTS = 4
+MAX_VREGS = 4
 VALUE_HOLES = (["h_eip", "h_next", "h_left", "h_left1", "h_n", "h_beip", "h_target"]
-               + [f"h_imm{i}" for i in range(MAX_OPS)] + [f"h_disp{i}" for i in range(MAX_OPS)])
+               + [f"h_imm{i}" for i in range(MAX_OPS)] + [f"h_disp{i}" for i in range(MAX_OPS)]
+               + [f"h_reg{j}" for j in range(MAX_VREGS)])
 CELL_HOLES = [f"h_slot{i}" for i in range(MAX_SLOTS)] + ["h_hot", "h_cnt"]
 CONT = "h_cont"
 _HOLE_DECLS = ([f"@{h} = external dso_local global i8, !absolute_symbol !0" for h in VALUE_HOLES]
@@ -66,8 +70,9 @@ _RELOCS = {1: (8, False), 2: (4, True), 4: (4, True), 10: (4, False), 11: (4, Fa
 
 
 class Stencil:
-    """Machine code with holes: code bytes and [(offset, size, pc-relative, hole, addend)]."""
-    __slots__ = ("code", "relocs", "slots", "falls_through")
+    """Machine code with holes: code bytes and [(offset, size, pc-relative, hole, addend)];
+    phys, a mask of the GPRs its semantics name directly (filled in by Library)."""
+    __slots__ = ("code", "relocs", "slots", "falls_through", "phys", "vused")
 
     def __init__(self, code, relocs):
         # The jump to the next stencil at the very end is dropped: the next one is copied there.
@@ -78,9 +83,14 @@ class Stencil:
             self.falls_through = True
         self.code = bytes(code)
         self.relocs = relocs
-        self.slots = sorted({r[3] for r in relocs if r[3].startswith("h_slot")})
+        self.phys = 0
+        self._holes_used()
         if any(r[3] == CONT for r in relocs):
             self.falls_through = True
+
+    def _holes_used(self):
+        self.slots = sorted({r[3] for r in self.relocs if r[3].startswith("h_slot")})
+        self.vused = sorted({int(r[3][5:]) for r in self.relocs if r[3].startswith("h_reg")})
 
 
 # ---- shapes --------------------------------------------------------------------------------
@@ -114,22 +124,67 @@ class _RawHole:
     __getitem__ = __len__ = __iter__ = __contains__ = hex = _used
 
 
-class InsnShape:
-    """One instruction as a stencil at a level: its key and the values of its holes."""
+_IMM_HOLES = [f"h_imm{i}" for i in range(MAX_OPS)]
+_DISP_HOLES = [f"h_disp{i}" for i in range(MAX_OPS)]
+_REGS_OFF = S.offset("regs")
+_VREGS = {}
 
-    def __init__(self, insn, key, level, block_eip):
+
+def _vreg(r, actual, vals):
+    """The register hole standing for GPR view r in an instruction whose holes so far hold
+    actual (a new hole is appended, its value set in vals); r itself past MAX_VREGS."""
+    try:
+        j = actual.index(r.index)
+    except ValueError:
+        j = len(actual)
+        if j == MAX_VREGS:
+            return r
+        actual.append(r.index)
+        vals[f"h_reg{j}"] = _REGS_OFF + 4 * r.index
+    k = (j, r.width, r.hi)
+    v = _VREGS.get(k)
+    if v is None:
+        v = _VREGS[k] = Reg(8 + j, r.width, r.hi)
+    return v
+
+
+class InsnShape:
+    """One instruction as a stencil at a level: its key and the values of its holes.
+    open_regs=False keeps the registers fixed even at levels 0 and 1 (see aliases)."""
+
+    def __init__(self, insn, key, level, block_eip, open_regs=True):
+        # Called for every instruction of every block built: plain tuples, no dataclass copies.
         self.insn, self.tkey, self.level, self.block_eip = insn, key, level, block_eip
-        vals, kops = {"h_eip": insn.addr, "h_next": insn.next}, []
+        self.open_regs = open_regs = open_regs and level < 2
+        vals = {"h_eip": insn.addr, "h_next": insn.next}
+        actual = self.actual = []    # register hole j -> the GPR index it holds here
+        kops = []
         for i, op in enumerate(insn.ops):
-            if op.kind == "imm" and level == 0:
-                vals[f"h_imm{i}"] = op.imm & 0xFFFFFFFF
-                kops.append(("imm", op.size))
-            elif op.kind == "mem" and level <= 1:
+            kind = op.kind
+            if kind == "reg":
+                r = _vreg(op.reg, actual, vals) if open_regs else op.reg
+                kops.append(("reg", op.size, r.index, r.width, r.hi))
+            elif kind == "mem":
                 m = op.mem
-                vals[f"h_disp{i}"] = m.disp & 0xFFFFFFFF
-                kops.append(("mem", op.size, m.seg, m.base, m.index, m.scale, m.addr16))
+                b, x = m.base, m.index
+                if open_regs:
+                    b = b and _vreg(b, actual, vals)
+                    x = x and _vreg(x, actual, vals)
+                kop = ("mem", op.size, m.seg, b and (b.index, b.width), x and (x.index, x.width), m.scale, m.addr16)
+                if level <= 1:
+                    vals[_DISP_HOLES[i]] = m.disp & 0xFFFFFFFF
+                else:
+                    kop += (m.disp,)
+                kops.append(kop)
+            elif kind == "imm":
+                if level == 0:
+                    vals[_IMM_HOLES[i]] = op.imm & 0xFFFFFFFF
+                    kops.append(("imm", op.size))
+                else:
+                    kops.append(("imm", op.size, op.imm))
             else:
-                kops.append(op)
+                kops.append((kind, op.size, op.reg))
+        self.vregs = len(actual)
         self.values = vals
         # Direct exits: whether each possible target leaves the block's page (only matters
         # with paging, where chains stay on their page; bt.emit.Emitter.exit_direct).
@@ -143,11 +198,32 @@ class InsnShape:
                     insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
                     tuple(sorted(self.cross.items())))
 
+    def aliases(self, st):
+        """Whether st, this shape's stencil, names a GPR directly (an implicit operand) that one
+        of the register holes it uses holds here: the stencil's register values would then not
+        see each other's updates, so this instance takes a shape with fixed registers."""
+        return any(st.phys >> self.actual[j] & 1 for j in st.vused)
+
+    def _virtual(self, r):
+        if r is None or r.index not in self.actual:
+            return r
+        return _vreg(r, self.actual, None)
+
+    def fix_regs(self):
+        self.__init__(self.insn, self.tkey, self.level, self.block_eip, open_regs=False)
+
     def holed(self):
         """The instruction as the semantics see it in the stencil."""
         i = self.insn
         ops = []
         for k, op in enumerate(i.ops):
+            if self.open_regs:
+                if op.kind == "reg":
+                    op = dataclasses.replace(op, reg=self._virtual(op.reg))
+                elif op.kind == "mem":
+                    m = op.mem
+                    op = dataclasses.replace(op, mem=dataclasses.replace(
+                        m, base=self._virtual(m.base), index=self._virtual(m.index)))
             if f"h_imm{k}" in self.values:
                 op = dataclasses.replace(op, imm=Hole(f"h_imm{k}"))
             elif f"h_disp{k}" in self.values:
@@ -236,8 +312,13 @@ class Library:
             todo = {}
             for sh in shapes:
                 st = self._lookup(sh.key)
-                while st is ESCALATE:
-                    self._raise(sh)
+                while True:
+                    if st is ESCALATE:
+                        self._raise(sh)
+                    elif type(st) is Stencil and type(sh) is InsnShape and sh.open_regs and sh.aliases(st):
+                        sh.fix_regs()
+                    else:
+                        break
                     st = self._lookup(sh.key)
                 if st is _MISSING and sh.key not in todo:
                     todo[sh.key] = sh
@@ -259,7 +340,7 @@ class Library:
         """Emit sh one level less open from now on (for every instruction of its kind)."""
         kind = (sh.insn.id, tuple(o.kind for o in sh.insn.ops))
         self.level[kind] = max(self.level.get(kind, 0), sh.level + 1)
-        sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip)
+        sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip, sh.open_regs)
 
     def _optimize(self, mod):
         """A short pipeline: inline the soft-MMU helpers, fold the holes' arithmetic, share
@@ -276,7 +357,8 @@ class Library:
         mpm.run(mod, pb)
 
     def _emit(self, sh, mt):
-        """Append sh's function to mt; False if the semantics cannot work with its holes."""
+        """Append sh's function to mt; its mask of directly named GPRs (Stencil.phys), or None
+        if the semantics cannot work with its holes."""
         name = _name(sh.key)
         blk = Block(0, sh.key[1] if sh.key[0] != "i" else sh.key[2], [])
         e = Emitter(name, blk, blk.key, mt, stencil=sh)
@@ -285,16 +367,16 @@ class Library:
             sh.emit(e)
         except (HoleUse, TypeError, Unsupported):
             mt.functions[mark[0]:], mt.helpers, mt.decls = [], mark[1], mark[2]
-            return False
+            return None
         if len(e.slots) > MAX_SLOTS:
-            return False
+            return None
         # Its own section: a call from it to anything else in the module (a helper LLVM did not
         # inline) is then a relocation that parse_object sees and refuses, never a silent
         # pc-relative call resolved inside one .text that would dangle once the code is copied.
         head, rest = e.text().split("\n", 1)
         assert head.endswith(" {")
         mt.functions.append(f'{head[:-2]} section ".text.{name}" {{\n{rest}')
-        return True
+        return sum(1 << i for i in e.touched_regs)
 
     def _compile(self, shapes):
         """Emit and compile the stencils of shapes (one module).  A shape whose semantics use
@@ -303,10 +385,12 @@ class Library:
         mt = ModuleText(f"stencils{self.modules}")
         for d in _HOLE_DECLS:
             mt.declare(d)
-        names = {}
+        names, phys = {}, {}
         for sh in shapes:
-            if self._emit(sh, mt):
+            mask = self._emit(sh, mt)
+            if mask is not None:
                 names[_name(sh.key)] = sh.key
+                phys[sh.key] = mask
             elif isinstance(sh, InsnShape) and sh.level + 1 < LEVELS:
                 self.stencils[sh.key] = ESCALATE
             else:
@@ -316,7 +400,10 @@ class Library:
             self._optimize(mod)
             obj = self.tm.emit_object(mod)
             for name, st in parse_object(obj).items():
-                if name in names:
+                if name in names and st is not None:
+                    st.phys = phys[names[name]]
+                    self.stencils[names[name]] = st
+                elif name in names:
                     self.stencils[names[name]] = st
             for key in names.values():
                 self.stencils.setdefault(key, None)
@@ -339,7 +426,7 @@ _MISSING = object()
 _HOLE_NAMES = sorted(_HOLES)
 _HOLE_INDEX = {h: i for i, h in enumerate(_HOLE_NAMES)}
 _REL = struct.Struct("<IBBBq")           # offset, size, pc-relative, hole, addend
-_MAGIC = b"BTVMSTL2"
+_MAGIC = b"BTVMSTL3"
 MERGE_AT = 64
 
 
@@ -380,8 +467,8 @@ class Store:
             dg, kind = data[pos:pos + 16], data[pos + 16:pos + 17]
             pos += 17
             if kind == b"s":
-                ft, ncode, nrel = struct.unpack_from("<BIH", data, pos)
-                pos += 7
+                ft, phys, ncode, nrel = struct.unpack_from("<BBIH", data, pos)
+                pos += 8
                 code = data[pos:pos + ncode]
                 pos += ncode
                 rel = []
@@ -390,8 +477,8 @@ class Store:
                     pos += _REL.size
                     rel.append((off, size, bool(pcrel), _HOLE_NAMES[h], add))
                 st = Stencil.__new__(Stencil)
-                st.code, st.relocs, st.falls_through = code, rel, bool(ft)
-                st.slots = sorted({r[3] for r in rel if r[3].startswith("h_slot")})
+                st.code, st.relocs, st.falls_through, st.phys = code, rel, bool(ft), phys
+                st._holes_used()
                 recs[dg] = ("s", st)
             elif kind == b"e":
                 recs[dg] = ("e",)
@@ -412,7 +499,7 @@ class Store:
             out += dg + rec[0].encode()
             if rec[0] == "s":
                 st = rec[1]
-                out += struct.pack("<BIH", st.falls_through, len(st.code), len(st.relocs)) + st.code
+                out += struct.pack("<BBIH", st.falls_through, st.phys, len(st.code), len(st.relocs)) + st.code
                 for off, size, pcrel, h, add in st.relocs:
                     out += _REL.pack(off, size, pcrel, _HOLE_INDEX[h], add)
         data = _MAGIC + hashlib.sha256(out).digest() + bytes(out)

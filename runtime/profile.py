@@ -153,6 +153,7 @@ def run(args, build_parser):
     try:
         status = sub.fn(sub)
     finally:
+        C.save_all()                # stencil blocks not stored yet: counted as stores in the report
         report = collect(C.TRACK, args.top)
         C.TRACK = None
         emit.COUNT_EXECS = False

@@ -122,3 +122,61 @@ define i32 @s2(ptr %st) section ".text.s2" { ret i32 2 }
 """)
     out = stencil.parse_object(tm.emit_object(mod))
     assert out["s1"] is None and out["s2"] is not None
+
+
+def test_register_operands_are_holes(fresh_library):
+    """One stencil serves an instruction whatever registers it names (their state offsets are
+    holes); naming the same register twice is another shape (the values must see each other)."""
+    b = fresh_library()
+    _check(asm("""
+        mov eax, 0x1234
+        mov ebx, 0x77
+        mov ecx, 0xF0000000
+        mov edx, 3
+        add eax, ebx
+        add ecx, edx
+        add esi, edi
+        add edx, edx
+        add ebp, ebp
+        hlt"""))
+    adds = [k for k in b.lib.stencils if k[0] == "i" and k[4] == "add"]
+    assert len(adds) == 2, adds
+
+
+@pytest.mark.parametrize("first, second", [
+    ("push ebx", "push esp"),
+    ("pop ebx", "pop esp"),
+    ("pop dword ptr [ebx + 4]", "pop dword ptr [esp + 4]"),
+    ("mul ecx", "mul eax"),
+    ("mul ecx", "mul edx"),
+    ("div ecx", "div edx"),
+    ("xadd ecx, edx", "xadd eax, eax"),
+    ("cmpxchg ecx, edx", "cmpxchg ecx, eax"),
+    ("cmpxchg ecx, edx", "cmpxchg eax, edx"),
+    ("xchg ecx, edx", "xchg eax, eax"),
+    ("shl edx, cl", "shl ecx, cl"),
+    ("lea ebx, [esp + 8]", "lea esp, [esp + 8]"),
+    ("cwde", "cbw"),
+    ("movzx ecx, ah", "movzx eax, ah"),
+    ("mov ah, bl", "mov bh, bl"),
+])
+def test_a_register_hole_never_aliases_an_implicit_register(fresh_library, first, second):
+    """A stencil made for `first` names some registers itself (ESP for a push, EAX:EDX for a
+    multiply); `second`, of the same shape, holds one of those in a register hole.  It must take
+    a stencil with its registers fixed: values cached within the stencil would not see each
+    other's updates."""
+    fresh_library()
+    _check(asm(f"""
+        mov eax, 0x81234567
+        mov ebx, 0x00008000
+        mov ecx, 0x00000005
+        mov edx, 0x00000002
+        mov ebx, 0x8000
+        push 0x11111111
+        push 0x22222222
+        push 0x33333333
+        {first}
+        push 0x44444444
+        push 0x55555555
+        {second}
+        hlt"""), data={0x8000: bytes(range(32))})

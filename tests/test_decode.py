@@ -1,0 +1,61 @@
+"""bt.decode reads Capstone's C structures itself (the binding's objects are slow): every field
+it takes must match what the binding reports for the same bytes."""
+import random
+
+import capstone
+from capstone import x86 as X
+
+from bt import decode
+from bt.decode import Op, _mem_operand, _reg_operand
+
+
+def _expected(ci, bits):
+    """The Insn fields as read through Capstone's Python binding."""
+    ops = []
+    for o in ci.operands:
+        if o.type == X.X86_OP_REG:
+            ops.append(_reg_operand(o.reg, o.size))
+        elif o.type == X.X86_OP_IMM:
+            ops.append(Op("imm", o.size or 1, imm=o.imm))
+        else:
+            m = o.mem
+            seg_override = decode._SEG_PREFIX.get(ci.prefix[1])
+            ops.append(Op("mem", o.size, mem=_mem_operand(m.segment, m.base, m.index, m.scale, m.disp,
+                                                           ci.addr_size, seg_override)))
+    wide = ci.prefix[2] == 0x66
+    return (ci.address, ci.size, bytes(ci.bytes), ci.id, ci.mnemonic, ci.op_str, tuple(ops),
+            ci.prefix[0] if ci.prefix[0] in (0xF2, 0xF3) else 0, ci.prefix[0] == 0xF0,
+            (2 if wide else 4) if bits == 32 else (4 if wide else 2), ci.addr_size,
+            decode._SEG_PREFIX.get(ci.prefix[1]), tuple(ci.groups))
+
+
+def _fields(i):
+    return (i.addr, i.size, i.raw, i.id, i.mnemonic, i.op_str, i.ops, i.rep, i.lock, i.opsize,
+            i.addrsize, i.seg_override, i.groups)
+
+
+def test_decoder_matches_the_capstone_binding():
+    rng = random.Random(5)
+    common = [b"\x8b\x44\x24\x08", b"\xf3\xa5", b"\x66\x89\x18", b"\x0f\xb6\xc4", b"\xe8\x00\x01\x00\x00",
+              b"\x64\xa1\x14\x00\x00\x00", b"\xf0\x0f\xb1\x0a", b"\xc1\xe0\x04", b"\xd1\xe8", b"\x8e\xd8",
+              b"\x0f\x22\xc0", b"\xdd\x04\x24", b"\x26\x67\x8b\x07", b"\xcd\x80", b"\xc2\x08\x00"]
+    seen = 0
+    for bits, mode in ((32, capstone.CS_MODE_32), (16, capstone.CS_MODE_16)):
+        cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+        cs.detail = True
+        blobs = common + [bytes(rng.randrange(256) for _ in range(24)) for _ in range(3000)]
+        for blob in blobs:
+            addr = rng.randrange(1 << 32)
+            want = []
+            try:
+                for ci in cs.disasm(blob, addr, 8):
+                    want.append(_expected(ci, bits))
+            except decode.DecodeError:
+                continue
+            try:
+                got = [_fields(i) for i in decode.disasm(blob, addr, 8, bits)]
+            except decode.DecodeError:
+                continue
+            assert got == want, blob.hex()
+            seen += len(got)
+    assert seen > 10000
