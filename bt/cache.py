@@ -496,9 +496,13 @@ class CodeCache:
     def instruction(self, eip, key):
         """The decoded instruction at (eip, key), for the runtime's callout handlers; None if the
         bytes do not decode.  Kept until its page is invalidated, like the blocks, so a callout
-        (a syscall, an IN/OUT) does not pay for Capstone each time."""
+        (a syscall, an IN/OUT) does not pay for Capstone each time; checked against the bytes
+        now at eip, so it survives address-space switches (an Insn depends only on its bytes,
+        its address and the mode bits of key)."""
         k = (eip, key)
         insn = self.insns.get(k)
+        if insn is not None and self.fetch(eip, insn.size) != insn.raw:
+            insn = None
         if insn is None:
             blk = decode_block(self.fetch, eip, key | S.KEY_STEP, ends_block)
             if not blk.insns:

@@ -106,18 +106,27 @@ class SystemCPU(CPU):
             return lin & 0xFFFFFFFF, False, True
         return self.walker.translate(self.cr0, self.cr3, self.cr4, lin, write, user, fetch)
 
+    def _pieces(self, lin, n, write, user):
+        """[(physical address, length)] of the linear range [lin, lin + n), one per page (every
+        page translated before anything is touched: a fault leaves memory as it was)."""
+        out = []
+        while n:
+            lin &= 0xFFFFFFFF
+            chunk = min(n, 0x1000 - (lin & 0xFFF))
+            out.append((self.translate(lin, write, user)[0], chunk))
+            lin += chunk
+            n -= chunk
+        return out
+
     def read_lin(self, lin, n, user=None):
-        out = bytearray()
-        for i in range(n):
-            phys = self.translate(lin + i, False, user)[0]
-            out += self.read_phys(phys, 1)
-        return bytes(out)
+        return b"".join(self.read_phys(p, k) for p, k in self._pieces(lin, n, False, user))
 
     def write_lin(self, lin, data, user=None):
-        phys = [self.translate(lin + i, True, user)[0] for i in range(len(data))]   # all or nothing
-        for p, b in zip(phys, data):
-            self.write_phys(p, bytes([b]))
-            self._phys_written(p, 1)
+        pos = 0
+        for p, k in self._pieces(lin, len(data), True, user):
+            self.write_phys(p, data[pos:pos + k])
+            self._phys_written(p, k)
+            pos += k
 
     def read_lin32(self, lin, user=None):
         return int.from_bytes(self.read_lin(lin, 4, user), "little")
@@ -221,10 +230,10 @@ class SystemCPU(CPU):
 
     def tlb_flush(self, keep_global=False):
         """Empty the soft TLB; keep_global (a CR3 write with CR4.PGE) puts global entries back."""
-        super().tlb_flush()
         if keep_global:
-            self.tlb_shadow.restore_globals(self.st.tlb)
+            self.tlb_shadow.restore_globals(self.st.tlb)       # overwrites every entry
         else:
+            super().tlb_flush()
             self.tlb_shadow.clear()
 
     def tlb_flush_page(self, page):
@@ -314,7 +323,6 @@ class SystemCPU(CPU):
         self.tlb_flush(keep_global)
         cache = self.cache
         ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
-        cache.forget_instructions()
         self.counters_switches = getattr(self, "counters_switches", 0) + 1
 
     @property
