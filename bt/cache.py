@@ -37,8 +37,11 @@ TIER2 = []
 # When a list (set by `btvm profile`), every CodeCache created appends itself to it.
 TRACK = None
 _DISKS = {}
-# Blocks built from stencils are stored STENCIL_BATCH at a time (and at exit, and before a fork).
+# Blocks built from stencils are stored STENCIL_BATCH at a time, or those of the last
+# STENCIL_SAVE_SECONDS when fewer (a run killed with SIGKILL loses only those), and at exit and
+# before a fork.
 STENCIL_BATCH = 128
+STENCIL_SAVE_SECONDS = 2.0
 STENCIL_TIER = 3            # the disk-cache entry kind of stencil recipes
 _LIVE = weakref.WeakSet()
 
@@ -128,6 +131,7 @@ class CodeCache:
         self.counters = Counter()
         self.stencils = stencil.shared_builder() if stencil.ENABLED else None
         self._unsaved = []                    # [(TB, recipe)] built from stencils, not yet stored
+        self._saved_at = time.monotonic()
         _LIVE.add(self)
         self.last_compile = 0.0               # perf_counter() of the last tier-1 compile
         self.compile_log = []                 # (time, blocks, seconds) per batch
@@ -290,7 +294,7 @@ class CodeCache:
         if self.disk is not None:
             # The window now: at save time the guest memory may be gone (a closed snippet).
             self._unsaved.append((tb, recipe, self.fetch(tb.eip, diskcache.WINDOW)))
-            if len(self._unsaved) >= STENCIL_BATCH:
+            if len(self._unsaved) >= STENCIL_BATCH or time.monotonic() - self._saved_at > STENCIL_SAVE_SECONDS:
                 self.save_stencil_blocks()
         return self._adopt([tb], blk.eip, blk.key, fresh={tb})
 
@@ -304,6 +308,7 @@ class CodeCache:
         """Store the recipes of the blocks built from stencils since the last call (one disk-cache
         entry, tier STENCIL_TIER): a later run rebuilds them without decoding."""
         todo, self._unsaved = self._unsaved, []
+        self._saved_at = time.monotonic()
         by_key = defaultdict(list)
         for item in todo:
             by_key[item[0].key].append(item)

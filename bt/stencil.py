@@ -430,8 +430,14 @@ _MAGIC = b"BTVMSTL3"
 MERGE_AT = 64
 
 
+_DIGESTS = {}
+
+
 def _digest(key):
-    return hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+    d = _DIGESTS.get(key)
+    if d is None:
+        d = _DIGESTS[key] = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+    return d
 
 
 class Store:
