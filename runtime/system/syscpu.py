@@ -23,6 +23,9 @@ EFLAGS_USER_MASK = 0x3F7FD7
 # Trapped writes to a page of translated code that may miss every block on it before the whole
 # page is invalidated (see SystemCPU._phys_written).
 SMC_SPARE_WRITES = 64
+# A CR3 write resets the jump-cache entries of non-global code one by one up to this many (else
+# the whole cache, global code included, with one memset).
+JC_SELECTIVE_MAX = 4096
 
 
 class TripleFault(Exception):
@@ -43,6 +46,7 @@ class SystemCPU(CPU):
     def __init__(self, mem, ram_size, io=None):
         self.ram_size = ram_size
         self.io = io
+        self._seg_flags = None      # (FLAT, FS_FULL) as of the last sync_segments
         self.cr0, self.cr2, self.cr3, self.cr4 = CR0_PE | CR0_ET, 0, 0, 0
         self.dr = [0] * 8
         self.gdtr = (0, 0)      # (base, limit)
@@ -59,6 +63,7 @@ class SystemCPU(CPU):
         self.tsc_offset = 0
         self.block_phys = {}    # (eip, key) -> physical page the block was translated from
         self.tlb_shadow = TLBShadow()
+        self.jc_local = set()       # jump-cache entries that may hold code of non-global pages
         super().__init__(mem, S.make_key(cpl=0))
         self.cache.on_install = self._on_install
         self.on_single_step = SystemCPU.single_step_trap
@@ -110,10 +115,21 @@ class SystemCPU(CPU):
         """[(physical address, length)] of the linear range [lin, lin + n), one per page (every
         page translated before anything is touched: a fault leaves memory as it was)."""
         out = []
+        # The soft TLB first: an entry there was made by a walk with the same rights (and set the
+        # same accessed/dirty bits); interrupt frames and descriptors are read on every event.
+        paged = self.cr0 & CR0_PG
+        tlb, base = self.st.tlb, self.mem.base
+        first = S.tlb_index(1 if (self.cpl == 3 if user is None else user) else 0,
+                            S.TLB_WRITE if write else S.TLB_READ)
         while n:
             lin &= 0xFFFFFFFF
             chunk = min(n, 0x1000 - (lin & 0xFFF))
-            out.append((self.translate(lin, write, user)[0], chunk))
+            ent = tlb[first + ((lin >> 12) & (S.TLB_SIZE - 1))] if paged else None
+            if ent is not None and ent.tag == lin & 0xFFFFF000:
+                phys = (ent.addend + lin - base) & 0xFFFFFFFF
+            else:
+                phys = self.translate(lin, write, user)[0]
+            out.append((phys, chunk))
             lin += chunk
             n -= chunk
         return out
@@ -322,7 +338,16 @@ class SystemCPU(CPU):
         into a block - is cleared here.  The TLB keeps global entries on a CR3 write (keep_global)."""
         self.tlb_flush(keep_global)
         cache = self.cache
-        ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
+        if keep_global and len(self.jc_local) < JC_SELECTIVE_MAX:
+            # Blocks on global pages stay reachable, as their global TLB entries stay valid: a
+            # kernel mapped global is not looked up again in Python after every context switch.
+            jc = cache.jmp_cache
+            for i in self.jc_local:
+                ent = jc[i]
+                ent.eip, ent.key, ent.fn = 1, 0xFFFFFFFF, 0
+        else:
+            ctypes.memset(cache.jmp_cache, 0, ctypes.sizeof(cache.jmp_cache))
+        self.jc_local = set()
         self.counters_switches = getattr(self, "counters_switches", 0) + 1
 
     @property
@@ -332,15 +357,18 @@ class SystemCPU(CPU):
     def _miss(self):
         self.sync_ac()      # a CPL-3 POPF that changed EFLAGS.AC left its block to come here
         eip, key = self.st.eip, self.key
+        try:
+            phys, glob, _ = self.translate(eip, False, self.cpl == 3, True)
+            phys &= ~0xFFF
+        except PageFault:
+            phys, glob = None, False
         tb = self.cache.blocks.get((eip, key))
-        if tb is not None:
-            try:
-                phys = self.translate(eip, False, self.cpl == 3, True)[0] & ~0xFFF
-            except PageFault:
-                phys = None
-            if self.block_phys.get((eip, key), phys) != phys:
-                self.cache.forget(tb, "remap")
+        if tb is not None and self.block_phys.get((eip, key), phys) != phys:
+            self.cache.forget(tb, "remap")
         super()._miss()
+        tb = self.cache.blocks.get((eip, key))
+        if not glob or tb is None or len(tb.pages) != 1:
+            self.jc_local.add(S.jc_hash(eip))
 
     def set_cr4(self, v):
         if v & ~(CR4_TSD | 0x8 | CR4_PSE | CR4_PGE | 0x200 | 0x400):
@@ -362,12 +390,9 @@ class SystemCPU(CPU):
     def update_key(self):
         cpl = self.segs[S.CS].selector & 3 if self.cr0 & CR0_PE else 0
         cpl = self._cpl_override if getattr(self, "_cpl_override", None) is not None else cpl
-        # FLAT: translated code neither adds ES/CS/SS/DS bases nor checks ES/SS/DS (Emitter.seg_check).
-        flat = self.segs[S.CS].base == 0 and all(
-            self.segs[i].base == 0 and self.segs[i].ranges() == (FULL, FULL) for i in (S.ES, S.SS, S.DS))
+        flat, fs_full = self._seg_flags if self._seg_flags is not None else self._segment_flags()
         key = S.make_key(cs32=self.segs[S.CS].db, pe=bool(self.cr0 & CR0_PE), pg=bool(self.cr0 & CR0_PG),
-                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3,
-                         fs_full=self.segs[S.FS].ranges() == (FULL, FULL),
+                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3, fs_full=fs_full,
                          ac=bool(self.cr0 & CR0_AM and self.st.eflags & (1 << S.AC)))
         key |= self.key & S.KEY_STEP
         key |= (S.KEY_FPU_EM if self.cr0 & CR0_EM else 0) | (S.KEY_FPU_TS if self.cr0 & CR0_TS else 0) \
@@ -380,12 +405,23 @@ class SystemCPU(CPU):
     def cpl(self):
         return S.key_cpl(self.key)
 
+    def _segment_flags(self):
+        """(FLAT, FS_FULL) of the mode key: translated code neither adds ES/CS/SS/DS bases nor
+        checks ES/SS/DS (Emitter.seg_check); FS accesses unchecked."""
+        segs = self.segs
+        flat = segs[S.CS].base == 0 and all(
+            segs[i].base == 0 and segs[i].ranges() == (FULL, FULL) for i in (S.ES, S.SS, S.DS))
+        return flat, segs[S.FS].ranges() == (FULL, FULL)
+
     def sync_segments(self):
+        """Publish the segment registers to translated code (after any change to self.segs)."""
         st = self.st
         for i, seg in enumerate(self.segs):
             st.seg_base[i] = seg.base
             st.seg_sel[i] = seg.selector
             (st.seg_lo[i], st.seg_hi[i]), (st.seg_lo[6 + i], st.seg_hi[6 + i]) = seg.ranges()
+        # Kept for update_key, which EFLAGS and CR0 writes call far more often than segments change.
+        self._seg_flags = self._segment_flags()
         self.update_key()
 
     # ---- descriptors ------------------------------------------------------------------------------
@@ -575,7 +611,7 @@ class SystemCPU(CPU):
                        eip=self.st.eip)
         esp = self.reg("esp")
         ssb = self.segs[S.SS].base
-        eip, cs, fl = (self.read_lin32(ssb + esp + 4 * i) for i in range(3))
+        eip, cs, fl = struct.unpack("<III", self.read_lin(ssb + esp, 12))
         cs &= 0xFFFF
         seg, addr, hi = self.code_segment(cs)
         rpl = cs & 3
