@@ -69,7 +69,8 @@ def shared_disk(jit):
     d = _DISKS.get(k)
     if d is None:
         d = _DISKS[k] = diskcache.DiskCache(root, jit.fingerprint() +
-                                            f"|count={emit.COUNT_EXECS}|hot={max(tier2.THRESHOLD, 0)}")
+                                            f"|count={emit.COUNT_EXECS}|hot={max(tier2.THRESHOLD, 0)}"
+                                            f"|stencil_cg={stencil.CODEGEN_OPT}")
     return d
 
 

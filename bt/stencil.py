@@ -614,85 +614,93 @@ class Builder:
                 vals = {"h_beip": block.eip, "h_n": n}
             else:
                 vals = {"h_target": block.end & 0xFFFFFFFF}
-            plan.append((st, _digest(sh.key), vals))
-        out = self._place([(st, vals) for st, _, vals in plan], hot)
+            plan.append((st, vals))
+        recipe = _assemble(plan)
+        out = self._install(recipe, hot)
         self.seconds += time.perf_counter() - t0
-        return out + (_recipe(plan),)
+        return out + (recipe,)
 
     def rebuild(self, recipe, hot=0):
-        """Like build() from a recipe; None if a stencil it names is not in the store."""
+        """Like build() from a recipe (no stencil library needed); None if it is malformed."""
         t0 = time.perf_counter()
-        recs = self.lib.store.load() if self.lib.store is not None else {}
-        parts = []
-        for dg, vals in _parse_recipe(recipe):
-            rec = recs.get(dg)
-            if rec is None or rec[0] != "s":
-                return None
-            parts.append((rec[1], vals))
-        out = self._place(parts, hot)
+        try:
+            out = self._install(recipe, hot)
+        except (struct.error, ValueError, IndexError):
+            return None
         self.seconds += time.perf_counter() - t0
         return out
 
-    def _place(self, parts, hot):
-        """Copy [(Stencil, {value hole: value})] one after the other into code memory, with new
-        cells for the chain slots and counters, and patch every hole."""
+    def _install(self, recipe, hot):
+        """Copy a recipe's code into code memory with new cells for its chain slots and counters,
+        and patch the references to them: (code address, [slot cells], hot cell, counter cell)."""
+        ncode, nrel, nslots = _RECIPE_HEAD.unpack_from(recipe)
+        code_at = _RECIPE_HEAD.size + nrel * _CELL_REL.size
+        if len(recipe) != code_at + ncode:
+            raise ValueError("malformed recipe")
+        addr = self.code.alloc(ncode)
         count = emit.COUNT_EXECS
-        size = sum(len(st.code) for st, _ in parts)
-        addr = self.code.alloc(size)
         hot_cell = self.cells.alloc(4, 4) if hot else 0
         cnt_cell = self.cells.alloc(8, 8) if count else 0
         if hot:
             ctypes.c_int32.from_address(hot_cell).value = hot
-        buf = bytearray(size)
-        pos = 0
-        slots = []
-        for st, vals in parts:
-            place = addr + pos
-            vals = dict(vals, h_hot=hot_cell, h_cnt=cnt_cell)
-            for s in st.slots:
-                cell = self.cells.alloc(8, 8)
-                slots.append(cell)
-                vals[s] = cell
-            vals[CONT] = place + len(st.code)
-            buf[pos:pos + len(st.code)] = st.code
-            for off, size_, pcrel, sym, addend in st.relocs:
-                v = vals[sym] + addend
-                if pcrel:
-                    v -= place + off
-                struct.pack_into(_PACK[size_], buf, pos + off, v & ((1 << (8 * size_)) - 1))
-            pos += len(st.code)
-        ctypes.memmove(addr, bytes(buf), size)
+        slots = [self.cells.alloc(8, 8) for _ in range(nslots)]
+        bases = {_HOT: hot_cell, _CNT: cnt_cell, _CODE: addr, _ZERO: 0}
+        buf = bytearray(recipe[code_at:])
+        for k in range(nrel):
+            off, size, pcrel, which, addend = _CELL_REL.unpack_from(recipe, _RECIPE_HEAD.size + k * _CELL_REL.size)
+            base = slots[which] if which < nslots else bases[which]
+            if not base and which in (_HOT, _CNT):
+                raise ValueError("recipe needs a cell this run does not have")
+            v = base + addend
+            if pcrel:
+                v -= addr + off
+            struct.pack_into(_PACK[size], buf, off, v & ((1 << (8 * size)) - 1))
+        ctypes.memmove(addr, bytes(buf), ncode)
         self.blocks += 1
         return addr, slots, hot_cell, cnt_cell
 
 
-_VALUE_INDEX = {h: i for i, h in enumerate(VALUE_HOLES)}
-_VAL = struct.Struct("<BI")
+# A recipe: a block's code with every value hole patched (it does not depend on where the code
+# goes: the only pc-relative references between its own stencils are the continuations), and the
+# references to its cells, which a run allocates anew.  Rebuilding one is a copy and a few patches.
+_RECIPE_HEAD = struct.Struct("<IHB")            # code bytes, references, chain slots
+_CELL_REL = struct.Struct("<IBBBq")             # offset, size, pc-relative, base, addend
+# Bases of a reference besides chain slot i (i itself): the hot and counter cells, the block's
+# own code, and nothing (a constant that a pc-relative reference turns position-dependent).
+_HOT, _CNT, _CODE, _ZERO = 252, 253, 254, 255
 
 
-def _recipe(plan):
-    """[(stencil, digest, values)] as bytes: per part the digest, the count and (hole, value)s."""
-    out = bytearray(struct.pack("<H", len(plan)))
-    for _, dg, vals in plan:
-        out += dg + bytes([len(vals)])
-        for h, v in vals.items():
-            out += _VAL.pack(_VALUE_INDEX[h], v & 0xFFFFFFFF)
-    return bytes(out)
-
-
-def _parse_recipe(data):
-    n, = struct.unpack_from("<H", data, 0)
-    pos, out = 2, []
-    for _ in range(n):
-        dg, m = data[pos:pos + 16], data[pos + 16]
-        pos += 17
-        vals = {}
-        for _ in range(m):
-            h, v = _VAL.unpack_from(data, pos)
-            pos += _VAL.size
-            vals[VALUE_HOLES[h]] = v
-        out.append((dg, vals))
-    return out
+def _assemble(plan):
+    """The recipe (bytes) of [(Stencil, {value hole: value})] placed one after the other."""
+    size = sum(len(st.code) for st, _ in plan)
+    buf = bytearray(size)
+    rels = []
+    pos = nslots = 0
+    for st, vals in plan:
+        cells = {"h_hot": _HOT, "h_cnt": _CNT}
+        for s in st.slots:
+            cells[s] = nslots
+            nslots += 1
+        buf[pos:pos + len(st.code)] = st.code
+        end = pos + len(st.code)
+        for off, size_, pcrel, sym, addend in st.relocs:
+            at = pos + off
+            base = cells.get(sym)
+            if base is not None:
+                rels.append((at, size_, pcrel, base, addend))
+            elif sym == CONT and pcrel:
+                struct.pack_into(_PACK[size_], buf, at, (end + addend - at) & ((1 << (8 * size_)) - 1))
+            elif sym == CONT:
+                rels.append((at, size_, False, _CODE, end + addend))
+            elif pcrel:
+                rels.append((at, size_, True, _ZERO, vals[sym] + addend))
+            else:
+                v = vals[sym] + addend
+                struct.pack_into(_PACK[size_], buf, at, v & ((1 << (8 * size_)) - 1))
+        pos = end
+    assert nslots < _HOT
+    return (_RECIPE_HEAD.pack(size, len(rels), nslots)
+            + b"".join(_CELL_REL.pack(*r) for r in rels) + bytes(buf))
 
 
 _shared = None
