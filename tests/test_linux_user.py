@@ -34,6 +34,8 @@ CASES = {
     "sigill": [("sigill", [])],
     "sigtrap_tf": [("sigtrap_tf", [])],
     "sigbus_ac": [("sigbus_ac", [])],
+    "sigfpu": [("sigfpu", [])],
+    "sigfpe_x87": [("sigfpe_x87", []), ("sigfpe_x87_frstor", ["frstor"])],
     "exitcode": [("exit_abort", ["abort"]), ("exit_kill", ["kill"]),
                  ("exit_handler", ["handler"])],
     "floatfmt": [("floatfmt", [])],

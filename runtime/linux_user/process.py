@@ -29,6 +29,19 @@ ARG_REGS = ("ebx", "ecx", "edx", "esi", "edi", "ebp")
 _WARNED = set()
 
 
+def _x87_fpe_code(cpu):
+    """si_code of the SIGFPE for an x87 #MF: the first unmasked exception in the status word, in
+    Linux's order (fpu__exception_code): invalid, zero divide, overflow, denormal or underflow,
+    precision; 0 when none is (a spurious trap)."""
+    img = cpu.st.fpu
+    cw = img[S.FPU_CW] | img[S.FPU_CW + 1] << 8
+    err = (img[S.FPU_SW] | img[S.FPU_SW + 1] << 8) & ~cw
+    for bits, code in ((0x01, 7), (0x04, 3), (0x08, 4), (0x12, 5), (0x20, 6)):   # FPE_FLTINV...
+        if err & bits:
+            return code
+    return 0
+
+
 class Machine:
     def __init__(self, path, argv, env, strace=False, sigstate=None, execfn=None):
         self.exe_path = os.path.abspath(path)
@@ -362,7 +375,9 @@ class Machine:
             sig, info = sg.SIGILL, (2, eip)          # ILL_ILLOPN
         elif vector in (1, 3):
             sig, info = sg.SIGTRAP, (sg.SI_KERNEL, 0)
-        elif vector in (16, 19):
+        elif vector == 16:
+            sig, info = sg.SIGFPE, (_x87_fpe_code(cpu), eip)
+        elif vector == 19:
             sig, info = sg.SIGFPE, (0, eip)
         elif vector == 17:
             sig, info = sg.SIGBUS, (1, fault_addr or 0)

@@ -2,8 +2,10 @@
 import errno as E
 import os
 import signal as hostsig
+import ctypes
 import struct
 
+from bt import state as S
 from ...cpu import Stop
 from .base import syscall, get, put, put_u32, s32
 
@@ -198,18 +200,19 @@ def sys_sigaltstack(m, ss, old):
 
 
 # ---- frames ------------------------------------------------------------------------------------------
-def _sigcontext(m, trapno, err, cr2, mask):
+def _sigcontext(m, trapno, err, cr2, mask, fpstate):
     c = m.cpu
     st = c.st
     sel = st.seg_sel
     return struct.pack(SIGCONTEXT, sel[5], 0, sel[4], 0, sel[0] or USER_DS, 0, sel[3] or USER_DS, 0,
                        c.reg("edi"), c.reg("esi"), c.reg("ebp"), c.reg("esp"), c.reg("ebx"), c.reg("edx"),
                        c.reg("ecx"), c.reg("eax"), trapno, err, c.reg("eip"), USER_CS, 0, c.reg("eflags"),
-                       c.reg("esp"), USER_DS, 0, 0, mask & 0xFFFFFFFF, cr2)
+                       c.reg("esp"), USER_DS, 0, fpstate, mask & 0xFFFFFFFF, cr2)
 
 
 def _restore_sigcontext(m, raw):
     f = struct.unpack(SIGCONTEXT, raw)
+    _restore_fpstate(m, f[SC_FPSTATE])
     gs, fs, es, ds = f[0], f[2], f[4], f[6]
     edi, esi, ebp, esp, ebx, edx, ecx, eax = f[8:16]
     eip, eflags = f[18], f[21]
@@ -226,6 +229,28 @@ def _restore_sigcontext(m, raw):
         except Exception:
             m.load_segment(seg, 0)
     return eax
+
+
+# struct _fpstate_32 as Linux writes it when the CPU has no FXSR (CPUID does not report it): the
+# FNSAVE image, the status word, magic 0xffff.  It lies above the frame, 64-byte aligned.
+FPSTATE_SIZE = S.FPU_IMAGE + 4
+SC_FPSTATE = 25                             # sigcontext.fpstate among the SIGCONTEXT fields
+
+
+def _fpstate(m):
+    img = bytes(m.cpu.st.fpu)[:S.FPU_IMAGE]
+    return img + img[S.FPU_SW:S.FPU_SW + 2] + struct.pack("<H", 0xFFFF)
+
+
+def _restore_fpstate(m, addr):
+    """sigreturn: the x87 state saved in the frame (the user may have changed it), or a fresh
+    one if the frame has none."""
+    st = m.cpu.st
+    if not addr:
+        S.fpu_reset(st)
+        return
+    img = get(m, addr, S.FPU_IMAGE)
+    ctypes.memmove(ctypes.addressof(st) + S.offset("fpu"), img, S.FPU_IMAGE)
 
 
 def _siginfo(sig, info):
@@ -250,7 +275,10 @@ def setup_frame(m, sig, info, trap=(0, 0, 0), saved_mask=None):
     if flags & SA_ONSTACK and aflags != SS_DISABLE and not asp <= sp < asp + asize:
         sp = asp + asize
     trapno, err, cr2 = trap
-    sc = _sigcontext(m, trapno, err, cr2, mask)
+    fp = (sp - FPSTATE_SIZE) & ~63
+    sp = fp
+    sc = _sigcontext(m, trapno, err, cr2, mask, fp)
+    put(m, fp, _fpstate(m))
     if flags & SA_SIGINFO:
         size = 4 * 4 + 128 + 20 + 88 + 8 + 8
         frame = (((sp - size) + 4) & ~15) - 4
@@ -272,6 +300,7 @@ def setup_frame(m, sig, info, trap=(0, 0, 0), saved_mask=None):
         c.set_reg("ecx", 0)
     c.set_reg("esp", frame)
     c.set_reg("eip", handler)
+    S.fpu_reset(c.st)           # the handler starts with a fresh FPU (Linux: fpu__clear_user_states)
     # Linux clears TF, DF and RF for the handler (handle_signal), not AC (measured: a handler
     # entered by an #AC SIGBUS still runs with EFLAGS.AC set).
     c.set_reg("eflags", c.reg("eflags") & ~((1 << 8) | (1 << 10)))
