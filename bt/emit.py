@@ -103,6 +103,13 @@ _ICMP = {
 }
 
 
+# The calling convention of every translated block (LLVM tier 1, stencils, tier 2) and of the
+# native entry's call into them: blocks only ever tail-call each other, so no register is worth
+# preserving across them (preserve_none: no callee-saved registers to push and pop at each block
+# transition; the C entry, btvm_enter, saves them once).
+CC = "preserve_nonecc"
+
+
 class Hole:
     """A numeric field of a guest instruction left open in a stencil (bt.stencil): the IR refers
     to the address of the external symbol @name, which is patched with the field's value when
@@ -892,7 +899,7 @@ done:
         if inner is not None:
             # Both blocks are in this tier-2 region: a direct call that LLVM can inline (a loop
             # becomes a real loop with the guest registers in SSA).
-            r = self.op(f"musttail call i32 @{inner}(ptr %st)", "i32")
+            r = self.op(f"musttail call {CC} i32 @{inner}(ptr %st)", "i32")
             self.emit(f"ret i32 {r.s}")
             self.terminated = True
             self.scope = saved
@@ -904,7 +911,7 @@ done:
         miss, go = self.new_label("miss"), self.new_label("chain")
         self.cbr(null, miss, go)
         self.set_label(go)
-        r = self.op(f"musttail call i32 {fp.s}(ptr %st)", "i32")
+        r = self.op(f"musttail call {CC} i32 {fp.s}(ptr %st)", "i32")
         self.emit(f"ret i32 {r.s}")
         self.set_label(miss)
         addr = self.op(f"ptrtoint ptr @{slot} to i64", "i64")
@@ -931,7 +938,7 @@ done:
         self.set_label(go)
         fpp = self.op(f"getelementptr i8, ptr {ent.s}, i64 8", PTR)
         fp = self.op(f"load ptr, ptr {fpp.s}", PTR)
-        r = self.op(f"musttail call i32 {fp.s}(ptr %st)", "i32")
+        r = self.op(f"musttail call {CC} i32 {fp.s}(ptr %st)", "i32")
         self.emit(f"ret i32 {r.s}")
         self.set_label(miss)
         self.store_field(offset("chain_from"), const(0, "i64"))
@@ -969,4 +976,8 @@ done:
         # nounwind: translated code never unwinds, so no .eh_frame: ~16% less memory per loaded
         # module (measured) and no unwind-table registration.
         attr = "noalias " if self.module.region or self.stencil is not None else ""
-        return f"define i32 @{self.name}(ptr {attr}%st) nounwind {{\n{body}\n}}\n"
+        # In a tier-2 region every block but the hot one (the region's first) is inlined where it
+        # is called: the hot block's function becomes the region's loop (its call back to itself
+        # a jump), the others short paths into it.
+        fattr = " alwaysinline" if self.module.region and self.name != next(iter(self.module.region.values())) else ""
+        return f"define {CC} i32 @{self.name}(ptr {attr}%st) nounwind{fattr} {{\n{body}\n}}\n"

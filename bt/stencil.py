@@ -59,7 +59,7 @@ CELL_HOLES = [f"h_slot{i}" for i in range(MAX_SLOTS)] + ["h_hot", "h_cnt"]
 CONT = "h_cont"
 _HOLE_DECLS = ([f"@{h} = external dso_local global i8, !absolute_symbol !0" for h in VALUE_HOLES]
                + [f"@{h} = external dso_local global i8, !absolute_symbol !1" for h in CELL_HOLES]
-               + [f"declare i32 @{CONT}(ptr)",
+               + [f"declare {emit.CC} i32 @{CONT}(ptr)",
                   "!0 = !{i64 0, i64 4294967296}",       # any 32-bit value (never sign-extended)
                   "!1 = !{i64 0, i64 2147483648}"])      # cells live below 2 GiB (bt.codemem)
 _HOLES = frozenset(VALUE_HOLES + CELL_HOLES + [CONT])
@@ -102,7 +102,7 @@ def _plain_entry(e):
 
 def _continue(e):
     """Go on to the next stencil (a jump that Stencil drops when the next one follows it)."""
-    r = e.op(f"musttail call i32 @{CONT}(ptr %st)", "i32")
+    r = e.op(f"musttail call {emit.CC} i32 @{CONT}(ptr %st)", "i32")
     e.emit(f"ret i32 {r.s}")
 
 

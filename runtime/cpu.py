@@ -10,6 +10,7 @@ import ctypes
 from bt import state as S
 from bt.cache import CodeCache
 from bt.decode import DecodeError, decode_block
+from bt.emit import CC
 from bt.jit import ModuleText, shared_jit
 from bt.semantics import Unsupported, ends_block
 from bt.sensitive import callout_name
@@ -55,7 +56,7 @@ entry:
 go:
   %fpp = getelementptr i8, ptr %ent, i64 8
   %fp = load ptr, ptr %fpp
-  %r = call i32 %fp(ptr %st)
+  %r = call {CC} i32 %fp(ptr %st)
   ret i32 %r
 miss:
   %cfp = getelementptr i8, ptr %st, i64 {o('chain_from')}
