@@ -537,7 +537,8 @@ class CodeCache:
         region = self._region(tb)
         uid = secrets.token_hex(4)
         names = {b.eip: f"t{b.eip:08x}_{key:x}_{uid}" for _, b in region}
-        mt = ModuleText(f"tier2_{eip:x}_{uid}", region=names)
+        mt = ModuleText(f"tier2_{eip:x}_{uid}", region=names,
+                        inline=sum(len(blk.insns) for _, blk in region) <= tier2.INLINE_INSNS)
         old, blocks, slots = [], [], []
         try:
             for t, blk in region:

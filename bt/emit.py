@@ -976,8 +976,6 @@ done:
         # nounwind: translated code never unwinds, so no .eh_frame: ~16% less memory per loaded
         # module (measured) and no unwind-table registration.
         attr = "noalias " if self.module.region or self.stencil is not None else ""
-        # In a tier-2 region every block but the hot one (the region's first) is inlined where it
-        # is called: the hot block's function becomes the region's loop (its call back to itself
-        # a jump), the others short paths into it.
-        fattr = " alwaysinline" if self.module.region and self.name != next(iter(self.module.region.values())) else ""
+        first = next(iter(self.module.region.values()), None)
+        fattr = " alwaysinline" if self.module.inline and self.name != first else ""
         return f"define {CC} i32 @{self.name}(ptr {attr}%st) nounwind{fattr} {{\n{body}\n}}\n"

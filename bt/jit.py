@@ -32,10 +32,13 @@ def host_target_machine(opt, **kw):
 class ModuleText:
     """Accumulates the IR text of one batch: declarations, chain-slot globals, functions."""
 
-    def __init__(self, name, hot=0, region=None):
+    def __init__(self, name, hot=0, region=None, inline=False):
         """hot: executions before a block asks for tier 2 (0: no hot counters);
         region: {guest eip: function name} of the blocks compiled together as one tier-2
-        region, whose direct exits to each other become direct calls."""
+        region, whose direct exits to each other become direct calls; inline: every member of
+        the region but the first (the hot block) is inlined where it is called, so the hot
+        block's function becomes the region's loop."""
+        self.inline = inline
         self.name = name
         self.decls = set()
         self.slots = []

@@ -25,6 +25,10 @@ THRESHOLD = int(os.environ.get("BTVM_HOT", "20000"))
 SYNC = os.environ.get("BTVM_TIER2_SYNC", "") not in ("", "0")
 MAX_BLOCKS = 12          # blocks per region
 MAX_INSNS = 400          # guest instructions per region
+# Regions up to this many guest instructions are compiled as one loop (ModuleText inline): that
+# runs small loops ~10% faster, but LLVM's time grows with the copies it inlines (a Linux boot's
+# regions took twice as long to compile with every region inlined).
+INLINE_INSNS = 100
 # While tier 1 is busy compiling (a miss compiled within QUIET seconds) a hot block is re-armed
 # instead of promoted: llvmlite serializes all LLVM calls, so a background -O2 compile then
 # stalls the guest's own tier-1 compiles (measured: a cold Linux boot 17% slower).
