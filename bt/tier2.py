@@ -1,4 +1,4 @@
-"""Tier 2: hot regions of tier-1 code recompiled by LLVM at -O2 on a background thread.
+"""Tier 2: hot regions of tier-1 code recompiled by LLVM at -O2 off the guest's thread.
 
 Tier-1 blocks (bt.cache, LLVM -O0) count down from THRESHOLD executions and then
 leave with EXIT_HOT.  The code cache then picks a *region*: the hot block and
@@ -7,14 +7,18 @@ region is re-emitted from the same semantics (bt.translate) with its internal
 direct exits as direct calls, so LLVM's inliner and tail-call elimination turn
 a guest loop into a host loop with guest registers in SSA and flags computed
 only where live.  The Optimizer compiles it to an object on its own thread (its
-own LLVM context and target machine: llvmlite releases the GIL while compiling),
-and the code cache swaps the region in between two native runs, where no
-translated code is executing (bt.cache.CodeCache.poll_tier2).
+own LLVM context and target machine: llvmlite releases the GIL while compiling) or,
+in system mode, in a worker process of its own (`python -m bt.tier2`: no LLVM lock
+shared with the guest thread), and the code cache swaps the region in between two
+native runs, where no translated code is executing (bt.cache.CodeCache.poll_tier2).
 
 BTVM_HOT=N sets the threshold (0 turns tier 2 off); BTVM_TIER2_SYNC=1 compiles on
 the calling thread (tests: the swap then happens at a deterministic point).
 """
 import os
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -92,6 +96,13 @@ class Optimizer:
                 self.inflight -= 1
 
     def _after_fork_in_child(self):
+        if self._proc is not None:      # the parent's worker: not ours to use or stop
+            for f in (self._proc.stdin, self._proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            self._proc = None
         for job in self._todo:
             for t in job.old:
                 t.promoting = False
@@ -104,17 +115,49 @@ class Optimizer:
     def _run(self, job):
         t0 = time.perf_counter()
         try:
-            # A context of its own: the guest thread keeps compiling tier-1 code in the global one.
-            ctx = llvm.create_context()
-            mod = llvm.parse_assembly(job.text, context=ctx)
-            pto = llvm.create_pipeline_tuning_options(speed_level=OPT)
-            pb = llvm.create_pass_builder(self.tm, pto)
-            pb.getModulePassManager().run(mod, pb)
-            job.obj = self.tm.emit_object(mod)
+            obj = self._in_worker(job.text) if self.process else None
+            job.obj = obj if obj is not None else compile_region(self.tm, job.text)
         except Exception as exc:          # a bug of ours: the region just stays at tier 1
             job.error = exc
         job.seconds = time.perf_counter() - t0
         self.done.append(job)
+
+    # ---- the worker process ----------------------------------------------------------------
+    # With `process` set (system mode: the guest cannot see btvm's file descriptors), regions are
+    # compiled by a child process: llvmlite serializes every LLVM call in a process, so a region
+    # compiled on a thread stalls the guest thread's stencil compiles (a cold Linux boot's tier-2
+    # work is ~20 s on the other core).
+    process = False
+    _proc = None
+
+    def _in_worker(self, text):
+        """The object compiled by the worker process, or None if it cannot be had (then the
+        caller compiles in this process, and so does every later job)."""
+        try:
+            if self._proc is None:
+                self._proc = subprocess.Popen([sys.executable, "-m", "bt.tier2"], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, close_fds=True)
+            data = text.encode()
+            self._proc.stdin.write(struct.pack("<I", len(data)) + data)
+            self._proc.stdin.flush()
+            status, n = struct.unpack("<BI", _read_exactly(self._proc.stdout, 5))
+            payload = _read_exactly(self._proc.stdout, n)
+        except (OSError, ValueError, struct.error):
+            self.process = False
+            self._stop_worker()
+            return None
+        if status:
+            raise RuntimeError(f"tier-2 worker: {payload.decode(errors='replace')}")
+        return payload
+
+    def _stop_worker(self):
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                proc.kill()
 
     def wait_idle(self, timeout=60.0):
         """Block until every submitted job is finished (tests, benchmarks)."""
@@ -123,7 +166,51 @@ class Optimizer:
             time.sleep(0.005)
 
 
+def compile_region(tm, text):
+    """A region module's text compiled at -O2 to a relocatable object."""
+    # A context of its own: the guest thread keeps compiling tier-1 code in the global one.
+    ctx = llvm.create_context()
+    mod = llvm.parse_assembly(text, context=ctx)
+    pto = llvm.create_pipeline_tuning_options(speed_level=OPT)
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return tm.emit_object(mod)
+
+
+def _read_exactly(f, n):
+    out = f.read(n)
+    if len(out) != n:
+        raise OSError("tier-2 worker closed its pipe")
+    return out
+
+
+def worker_main():
+    """`python -m bt.tier2`: compile region modules read from stdin (length, text) and write
+    (status, length, object or error) to stdout until stdin closes."""
+    from .jit import host_target_machine
+    tm = host_target_machine(OPT, jit=True)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = inp.read(4)
+        if len(head) < 4:
+            return 0
+        text = _read_exactly(inp, struct.unpack("<I", head)[0]).decode()
+        try:
+            status, payload = 0, compile_region(tm, text)
+        except Exception as exc:
+            status, payload = 1, repr(exc).encode()
+        out.write(struct.pack("<BI", status, len(payload)) + payload)
+        out.flush()
+
+
 _shared = None
+
+
+def use_worker_process():
+    """Compile regions in a child process from now on (system mode: see Optimizer.process)."""
+    opt = shared_optimizer()
+    if opt is not None and not opt.sync:
+        opt.process = True
 
 
 def shared_optimizer():
@@ -134,3 +221,7 @@ def shared_optimizer():
     if _shared is None:
         _shared = Optimizer()
     return _shared
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -124,7 +124,7 @@ def format_report(r):
                  f"{r['batches']} tier-1 batches)")
     for tier, t in r["tiers"].items():
         lines.append(f"    tier {tier:24} {t['blocks']:>8} blocks, {t['compile_seconds']:.3f} s compiling"
-                     + (f" ({t['regions']} regions, on a background thread)" if "regions" in t else "")
+                     + (f" ({t['regions']} regions, off the guest's thread)" if "regions" in t else "")
                      + (f" ({t['stencils_compiled']} stencils)" if "stencils_compiled" in t else ""))
     lines.append(f"  persistent hits   {r['persistent_hits']:>10}   (blocks loaded from the disk cache; "
                  f"{r['persistent_stores']} batches stored)")

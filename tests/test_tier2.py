@@ -232,3 +232,39 @@ def test_fork_while_the_optimizer_compiles(monkeypatch):
             __import__("time").sleep(0.01)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     opt.wait_idle()
+
+
+_REGION = """
+define i32 @t1(ptr noalias %st) nounwind {
+entry:
+  %p = getelementptr i8, ptr %st, i64 4
+  %v = load i32, ptr %p
+  %w = mul i32 %v, 7
+  store i32 %w, ptr %p
+  ret i32 3
+}
+"""
+
+
+def test_worker_process_compiles_what_the_thread_would():
+    """System mode compiles regions in a child process (`python -m bt.tier2`): same object."""
+    opt = tier2.Optimizer(sync=False)
+    opt.process = True
+    try:
+        obj = opt._in_worker(_REGION)
+        assert opt.process and obj == tier2.compile_region(opt.tm, _REGION)
+        with pytest.raises(RuntimeError, match="tier-2 worker"):
+            opt._in_worker("this is not IR")
+        assert opt.process                      # an error in one module keeps the worker
+    finally:
+        opt._stop_worker()
+
+
+def test_a_broken_worker_process_falls_back_to_the_thread(monkeypatch):
+    opt = tier2.Optimizer(sync=False)
+    opt.process = True
+    monkeypatch.setattr(sys, "executable", "/bin/true")     # exits at once: the pipe breaks
+    job = tier2.Job(None, [], [], ["t1"], [], [], _REGION)
+    opt._run(job)
+    assert job.error is None and job.obj == tier2.compile_region(opt.tm, _REGION)
+    assert not opt.process

@@ -30,9 +30,11 @@ def guests():
     return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
 
 
-def time_to_marker(cmd, timeout, env=None, rss=None, stderr=None):
-    """Seconds until MARKER appears on stdout (the process is then killed); None on timeout.
-    rss, a list, gets the process's peak resident memory in MiB; stderr, a path, the process's stderr."""
+def time_to_marker(cmd, timeout, env=None, rss=None, stderr=None, linger=30):
+    """Seconds until MARKER appears on stdout; None on timeout.  The guest then powers off: the
+    process gets up to linger more seconds to exit by itself (btvm stores the translations it
+    made when it exits), then is killed.  rss, a list, gets the process's peak resident memory in
+    MiB; stderr, a path, the process's stderr."""
     t0 = time.monotonic()
     err = open(stderr, "wb") if stderr else subprocess.DEVNULL
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env)
@@ -45,7 +47,16 @@ def time_to_marker(cmd, timeout, env=None, rss=None, stderr=None):
             if chunk:
                 seen += chunk
                 if MARKER in seen:
-                    return time.monotonic() - t0
+                    t = time.monotonic() - t0
+                    end = time.monotonic() + linger
+                    while time.monotonic() < end:
+                        p.stdout.read()
+                        pid, _, u = os.wait4(p.pid, os.WNOHANG)
+                        if pid:
+                            usage = u
+                            break
+                        time.sleep(0.05)
+                    return t
                 continue
             pid, _, u = os.wait4(p.pid, os.WNOHANG)
             if pid:

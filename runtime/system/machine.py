@@ -51,6 +51,8 @@ class Machine:
                            rtc_start_time=rtc_base)
         self.reset_exits = reset_exits
         self.halted = False
+        from bt import tier2
+        tier2.use_worker_process()      # the guest cannot see btvm's file descriptors here
 
     # ---- device callbacks ---------------------------------------------------------------------------
     def _charge_idle(self, ns):
