@@ -538,7 +538,8 @@ class CodeCache:
         uid = secrets.token_hex(4)
         names = {b.eip: f"t{b.eip:08x}_{key:x}_{uid}" for _, b in region}
         mt = ModuleText(f"tier2_{eip:x}_{uid}", region=names,
-                        inline=sum(len(blk.insns) for _, blk in region) <= tier2.INLINE_INSNS)
+                        inline=len(region) <= tier2.INLINE_BLOCKS
+                        and sum(len(blk.insns) for _, blk in region) <= tier2.INLINE_INSNS)
         old, blocks, slots = [], [], []
         try:
             for t, blk in region:

@@ -29,9 +29,11 @@ THRESHOLD = int(os.environ.get("BTVM_HOT", "20000"))
 SYNC = os.environ.get("BTVM_TIER2_SYNC", "") not in ("", "0")
 MAX_BLOCKS = 12          # blocks per region
 MAX_INSNS = 400          # guest instructions per region
-# Regions up to this many guest instructions are compiled as one loop (ModuleText inline): that
-# runs small loops ~10% faster, but LLVM's time grows with the copies it inlines (a Linux boot's
-# regions took twice as long to compile with every region inlined).
+# Regions of up to INLINE_BLOCKS blocks and INLINE_INSNS guest instructions are compiled as one
+# loop (ModuleText inline): that runs small loops ~5-10% faster, but LLVM's time grows with the
+# copies it inlines (every region inlined: a Linux boot's tier-2 compiles took twice as long; up
+# to 100 instructions: a cold busybox shell loop's took 28 s instead of ~15).
+INLINE_BLOCKS = 3
 INLINE_INSNS = 100
 # While tier 1 is busy compiling (a miss compiled within QUIET seconds) a hot block is re-armed
 # instead of promoted: llvmlite serializes all LLVM calls, so a background -O2 compile then
