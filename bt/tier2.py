@@ -137,8 +137,9 @@ class Optimizer:
         caller compiles in this process, and so does every later job)."""
         try:
             if self._proc is None:
+                # Its own session: a terminal's Ctrl-C (SIGINT to the foreground group) is btvm's.
                 self._proc = subprocess.Popen([sys.executable, "-m", "bt.tier2"], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, close_fds=True)
+                                              stdout=subprocess.PIPE, close_fds=True, start_new_session=True)
             data = text.encode()
             self._proc.stdin.write(struct.pack("<I", len(data)) + data)
             self._proc.stdin.flush()
@@ -192,17 +193,20 @@ def worker_main():
     from .jit import host_target_machine
     tm = host_target_machine(OPT, jit=True)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        head = inp.read(4)
-        if len(head) < 4:
-            return 0
-        text = _read_exactly(inp, struct.unpack("<I", head)[0]).decode()
-        try:
-            status, payload = 0, compile_region(tm, text)
-        except Exception as exc:
-            status, payload = 1, repr(exc).encode()
-        out.write(struct.pack("<BI", status, len(payload)) + payload)
-        out.flush()
+    try:
+        while True:
+            head = inp.read(4)
+            if len(head) < 4:
+                return 0
+            text = _read_exactly(inp, struct.unpack("<I", head)[0]).decode()
+            try:
+                status, payload = 0, compile_region(tm, text)
+            except Exception as exc:
+                status, payload = 1, repr(exc).encode()
+            out.write(struct.pack("<BI", status, len(payload)) + payload)
+            out.flush()
+    except (OSError, KeyboardInterrupt):      # btvm went away: nothing to report, nothing to flush
+        os._exit(0)
 
 
 _shared = None

@@ -115,24 +115,30 @@ class SystemCPU(CPU):
         """[(physical address, length)] of the linear range [lin, lin + n), one per page (every
         page translated before anything is touched: a fault leaves memory as it was)."""
         out = []
-        # The soft TLB first: an entry there was made by a walk with the same rights (and set the
-        # same accessed/dirty bits); interrupt frames and descriptors are read on every event.
-        paged = self.cr0 & CR0_PG
-        tlb, base = self.st.tlb, self.mem.base
-        first = S.tlb_index(1 if (self.cpl == 3 if user is None else user) else 0,
-                            S.TLB_WRITE if write else S.TLB_READ)
+        user = self.cpl == 3 if user is None else user
         while n:
             lin &= 0xFFFFFFFF
             chunk = min(n, 0x1000 - (lin & 0xFFF))
-            ent = tlb[first + ((lin >> 12) & (S.TLB_SIZE - 1))] if paged else None
-            if ent is not None and ent.tag == lin & 0xFFFFF000:
-                phys = (ent.addend + lin - base) & 0xFFFFFFFF
-            else:
+            phys = self._tlb_phys(lin, write, user)
+            if phys is None:
                 phys = self.translate(lin, write, user)[0]
             out.append((phys, chunk))
             lin += chunk
             n -= chunk
         return out
+
+    def _tlb_phys(self, lin, write, user):
+        """The physical address of lin if the soft TLB maps it for this access, else None.  An
+        entry there was made by a walk with the same rights (which set the same accessed and dirty
+        bits), so the runtime's own accesses - interrupt frames, descriptors, the instruction a
+        callout decodes - need not walk again (without NX, fetching needs what reading does)."""
+        if not self.cr0 & CR0_PG:
+            return None
+        ent = self.st.tlb[S.tlb_index(1 if user else 0, S.TLB_WRITE if write else S.TLB_READ)
+                          + ((lin >> 12) & (S.TLB_SIZE - 1))]
+        if ent.tag != lin & 0xFFFFF000:
+            return None
+        return (ent.addend + lin - self.mem.base) & 0xFFFFFFFF
 
     def read_lin(self, lin, n, user=None):
         return b"".join(self.read_phys(p, k) for p, k in self._pieces(lin, n, False, user))
@@ -259,11 +265,14 @@ class SystemCPU(CPU):
     def _fetch(self, addr, n):
         out = bytearray()
         a = addr
+        user = self.cpl == 3
         while len(out) < n:
-            try:
-                phys = self.translate(a, False, self.cpl == 3, True)[0]
-            except PageFault:
-                break
+            phys = self._tlb_phys(a, False, user)
+            if phys is None:
+                try:
+                    phys = self.translate(a, False, user, True)[0]
+                except PageFault:
+                    break
             if phys >= self.ram_size:
                 break
             chunk = min(n - len(out), 0x1000 - (a & 0xFFF))
@@ -413,10 +422,13 @@ class SystemCPU(CPU):
             segs[i].base == 0 and segs[i].ranges() == (FULL, FULL) for i in (S.ES, S.SS, S.DS))
         return flat, segs[S.FS].ranges() == (FULL, FULL)
 
-    def sync_segments(self):
-        """Publish the segment registers to translated code (after any change to self.segs)."""
+    def sync_segments(self, only=None):
+        """Publish the segment registers to translated code (after any change to self.segs;
+        only: the one register that changed)."""
         st = self.st
         for i, seg in enumerate(self.segs):
+            if only is not None and i != only:
+                continue
             st.seg_base[i] = seg.base
             st.seg_sel[i] = seg.selector
             (st.seg_lo[i], st.seg_hi[i]), (st.seg_lo[6 + i], st.seg_hi[6 + i]) = seg.ranges()
@@ -486,10 +498,11 @@ class SystemCPU(CPU):
             raise GuestFault(NP, selector & 0xFFFC)
         return seg, addr, hi
 
-    def set_cs(self, seg, cpl):
+    def set_cs(self, seg, cpl, alone=False):
+        """Load CS (alone: no other segment register changed since the last sync)."""
         seg.selector = (seg.selector & ~3) | cpl
         self.segs[S.CS] = seg
-        self.sync_segments()
+        self.sync_segments(S.CS if alone else None)
 
     # ---- stack helpers for interrupt frames ----------------------------------------------------------
     def push32(self, v, user=None):
@@ -636,7 +649,7 @@ class SystemCPU(CPU):
             self.null_outer_data_segments(rpl)
         else:
             self.set_reg("esp", esp + 12)
-            self.set_cs(seg, rpl)
+            self.set_cs(seg, rpl, alone=True)
             self.set_eflags(new_fl)
         self.set_reg("eip", eip)
 
