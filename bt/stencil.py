@@ -52,7 +52,7 @@ LEVELS = 3
 MAX_OPS = 4
 MAX_SLOTS = 4
 MAX_VREGS = 4
-VALUE_HOLES = (["h_eip", "h_next", "h_left", "h_left1", "h_n", "h_beip", "h_target"]
+VALUE_HOLES = (["h_eip", "h_next", "h_left", "h_left1", "h_n", "h_beip", "h_target", "h_key"]
                + [f"h_imm{i}" for i in range(MAX_OPS)] + [f"h_disp{i}" for i in range(MAX_OPS)]
                + [f"h_reg{j}" for j in range(MAX_VREGS)])
 CELL_HOLES = [f"h_slot{i}" for i in range(MAX_SLOTS)] + ["h_hot", "h_cnt"]
@@ -194,7 +194,7 @@ class InsnShape:
                 if op.kind == "imm":
                     self.cross[f"h_imm{i}"] = bool(((op.imm & 0xFFFFFFFF) ^ block_eip) & ~0xFFF)
             self.cross["h_next"] = bool((insn.next ^ block_eip) & ~0xFFF)
-        self.key = ("i", level, key, insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock,
+        self.key = ("i", level, key & ~S.KEY_STEP, insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock,
                     insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
                     tuple(sorted(self.cross.items())))
 
@@ -257,7 +257,7 @@ class HeadShape:
 
     def __init__(self, key, hot, count):
         self.hot, self.count = hot, count
-        self.key = ("h", key, bool(hot), bool(count))
+        self.key = ("h", key & ~S.KEY_STEP, bool(hot), bool(count))
 
     def prologue(self, e):
         e._emit_prologue(Hole("h_beip"), Hole("h_n"), hot="h_hot" if self.hot else None,
@@ -271,7 +271,7 @@ class TailShape:
 
     def __init__(self, key, cross):
         self.cross = cross
-        self.key = ("t", key, bool(cross) if key & S.KEY_PG else False)
+        self.key = ("t", key & ~S.KEY_STEP, bool(cross) if key & S.KEY_PG else False)
 
     prologue = staticmethod(_plain_entry)
 
@@ -614,6 +614,7 @@ class Builder:
                 vals = {"h_beip": block.eip, "h_n": n}
             else:
                 vals = {"h_target": block.end & 0xFFFFFFFF}
+            vals["h_key"] = key         # shape keys leave KEY_STEP out (the jump-cache probe has it)
             plan.append((st, vals))
         recipe = _assemble(plan)
         out = self._install(recipe, hot)

@@ -180,3 +180,24 @@ def test_a_register_hole_never_aliases_an_implicit_register(fresh_library, first
         push 0x55555555
         {second}
         hlt"""), data={0x8000: bytes(range(32))})
+
+
+def test_single_step_blocks_share_the_stencils(fresh_library):
+    """KEY_STEP (one instruction per block) changes no instruction's code: its blocks use the
+    same stencils, and only the jump-cache probe of an indirect exit (a hole) sees the key."""
+    from bt import state as S
+    from bt.decode import decode_block
+    from bt.semantics import ends_block
+    b = fresh_library()
+    code = asm("mov eax, 0x1000\n add eax, ebx\n jmp eax")
+    fetch = lambda a, n: code[a - 0x1000:a - 0x1000 + n]        # noqa: E731
+    key = S.KEY_CS32 | S.KEY_PE | S.KEY_FLAT
+    assert b.build(decode_block(fetch, 0x1000, key, ends_block)) is not None
+    shapes = {k for k in b.lib.stencils if k[0] == "i"}
+    pos = 0x1000
+    while pos < 0x1000 + len(code):
+        blk = decode_block(fetch, pos, key | S.KEY_STEP, ends_block)
+        assert len(blk.insns) == 1 and b.build(blk) is not None
+        pos = blk.end
+    assert {k for k in b.lib.stencils if k[0] == "i"} == shapes
+    _check(code + asm("hlt"), regs={"ebx": len(code)})

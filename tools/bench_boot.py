@@ -41,29 +41,24 @@ def time_to_marker(cmd, timeout, env=None, rss=None, stderr=None, linger=30):
     os.set_blocking(p.stdout.fileno(), False)
     seen = b""
     usage = None            # set when the process is reaped (by wait4 only: Popen must not reap it)
+    found = None            # seconds to the marker
+    deadline = t0 + timeout
     try:
-        while time.monotonic() - t0 < timeout:
+        while time.monotonic() < deadline:
             chunk = p.stdout.read()
-            if chunk:
+            if chunk and found is None:
                 seen += chunk
                 if MARKER in seen:
-                    t = time.monotonic() - t0
-                    end = time.monotonic() + linger
-                    while time.monotonic() < end:
-                        p.stdout.read()
-                        pid, _, u = os.wait4(p.pid, os.WNOHANG)
-                        if pid:
-                            usage = u
-                            break
-                        time.sleep(0.05)
-                    return t
+                    found = time.monotonic() - t0
+                    deadline = time.monotonic() + linger
+            if chunk:
                 continue
             pid, _, u = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 usage = u
                 break
             time.sleep(0.05)
-        return None
+        return found
     finally:
         if usage is None:
             try:
