@@ -34,9 +34,9 @@ import llvmlite.binding as llvm
 from . import emit, state as S
 from .codemem import Arena
 from .decode import Block, Reg
-from .emit import Emitter, Hole, HoleUse, ITY
+from .emit import Emitter, Hole, HoleUse
 from .jit import ModuleText, _init, host_target_machine
-from .semantics import TABLE, Unsupported, ends_block
+from .semantics import Unsupported, ends_block
 from .translate import emit_insn
 
 # LLVM's code generator level for stencils: 0 (fast instruction selection and register
@@ -626,7 +626,7 @@ class Builder:
         t0 = time.perf_counter()
         try:
             out = self._install(recipe, hot)
-        except (struct.error, ValueError, IndexError):
+        except (struct.error, ValueError, IndexError, KeyError):
             return None
         self.seconds += time.perf_counter() - t0
         return out

@@ -116,3 +116,13 @@ def test_toggling_cr4_pge_drops_jump_cache_entries_of_global_code():
                + _map(B | G) + "    mov eax, cr4\n    and eax, ~0x80\n    mov cr4, eax\n    or eax, 0x80\n"
                "    mov cr4, eax\n" + CALL + store(1))
     assert out[:2] == [1, 2]
+
+
+def test_invlpg_of_another_page_keeps_the_write_trap_of_a_global_alias():
+    # 0x600000 has the same TLB index as 0x200000 (TLB_SIZE pages apart) and is not mapped: the
+    # INVLPG must not make btvm forget the global write entry of 0x200000, or the rewrite through
+    # it would skip the slow path and the stale block at 0x205000 would run (found in review).
+    call = "    mov ebx, 0x205000\n    call ebx\n"
+    out = _run(_map(A | G) + _code(1, 0x200000) + "    invlpg [0x600000]\n"
+               + call + store(0) + _code(2, 0x200000) + call + store(1))
+    assert out[:2] == [1, 2]

@@ -43,11 +43,14 @@ class TLBShadow:
                         del self.gwrites[old[3]]
 
     def drop_page(self, page):
-        """INVLPG: the entries of a linear page are gone, global or not."""
+        """INVLPG: the entries of a linear page are gone, global or not.  A global entry of
+        another page at the same index stays (the TLB keeps it), and so must its write record."""
         i = (page >> 12) & (S.TLB_SIZE - 1)
         for priv in range(S.TLB_PRIVS):
             for kind in range(S.TLB_KINDS):
-                self._drop_global(S.tlb_index(priv, kind) + i)
+                g = self.globals.get(S.tlb_index(priv, kind) + i)
+                if g is not None and g[0] == page & 0xFFFFF000:
+                    self._drop_global(S.tlb_index(priv, kind) + i)
 
     def drop_writes_to(self, tlb, phys_page):
         """Translated code now lives in phys_page: no write may bypass the slow path.
