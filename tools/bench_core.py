@@ -23,7 +23,9 @@ time, so "ratio" is simply the speed ratio btvm-warm / Unicorn.
 
 btvm runs through runtime.snippet.run_case.  The first call per workload is
 reported as "cold" (includes translation / LLVM compilation), the following
-calls as "warm" (translated code memoized in-process).
+calls as "warm": translated code memoized in-process, once the tier-2 regions
+the cold call asked for are compiled (a workload of a few milliseconds would
+otherwise measure how soon they arrive, not how fast they run).
 """
 import argparse
 import json
@@ -492,6 +494,7 @@ def bench(workloads, repeat=3, use_btvm=True, log=print):
         budget = 4 * insns + 100000
         try:
             cold, res = btvm_run(run_case, wl, budget)
+            _tier2_settle()
             warm, results = [], [res]
             for _ in range(repeat):
                 dt, r = btvm_run(run_case, wl, budget)
@@ -544,6 +547,17 @@ def format_table(rows):
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                              for i, (c, w) in enumerate(zip(l, widths))))
     return "\n".join(out)
+
+
+def _tier2_settle():
+    """Wait for the background tier-2 compiles the cold run asked for (a warm run installs them)."""
+    try:
+        from bt import tier2
+    except ImportError:
+        return
+    opt = tier2.shared_optimizer()
+    if opt is not None:
+        opt.wait_idle()
 
 
 def main(argv=None):
