@@ -35,6 +35,7 @@ CASES = {
     "sigtrap_tf": [("sigtrap_tf", [])],
     "sigbus_ac": [("sigbus_ac", [])],
     "sigfpu": [("sigfpu", [])],
+    "sigframe_old": [("sigframe_old", [])],
     "sigfpe_x87": [("sigfpe_x87", []), ("sigfpe_x87_frstor", ["frstor"])],
     "exitcode": [("exit_abort", ["abort"]), ("exit_kill", ["kill"]),
                  ("exit_handler", ["handler"])],

@@ -235,6 +235,7 @@ def _restore_sigcontext(m, raw):
 # FNSAVE image, the status word, magic 0xffff.  It lies above the frame, 64-byte aligned.
 FPSTATE_SIZE = S.FPU_IMAGE + 4
 SC_FPSTATE = 25                             # sigcontext.fpstate among the SIGCONTEXT fields
+FPSTATE_UNUSED = 624                        # sizeof(struct _fpstate_32), the UAPI one with FXSR fields
 
 
 def _fpstate(m):
@@ -291,10 +292,12 @@ def setup_frame(m, sig, info, trap=(0, 0, 0), saved_mask=None):
         c.set_reg("edx", info_addr)
         c.set_reg("ecx", uc_addr)
     else:
-        size = 8 + 88 + 4 + 8
+        # struct sigframe_ia32: pretcode, sig, sigcontext, an unused struct _fpstate_32 (the real
+        # one lies above the frame), extramask, retcode.
+        size = 8 + 88 + FPSTATE_UNUSED + 4 + 8
         frame = (((sp - size) + 4) & ~15) - 4
         ret = restorer if flags & SA_RESTORER and restorer else m.trampoline
-        put(m, frame, struct.pack("<Ii", ret, sig) + sc + struct.pack("<I", mask >> 32))
+        put(m, frame, struct.pack("<Ii", ret, sig) + sc + bytes(FPSTATE_UNUSED) + struct.pack("<I", mask >> 32))
         c.set_reg("eax", sig)
         c.set_reg("edx", 0)
         c.set_reg("ecx", 0)
@@ -317,9 +320,9 @@ def setup_frame(m, sig, info, trap=(0, 0, 0), saved_mask=None):
 @syscall("sigreturn", "")
 def sys_sigreturn(m):
     sp = m.cpu.reg("esp")        # the restorer popped the signal number: esp -> sigcontext
-    raw = get(m, sp, 88 + 4)
+    raw = get(m, sp, 88 + FPSTATE_UNUSED + 4)
     mask = struct.unpack_from("<I", raw, 80)[0]       # sigcontext.oldmask
-    high = struct.unpack_from("<I", raw, 88)[0]
+    high = struct.unpack_from("<I", raw, 88 + FPSTATE_UNUSED)[0]     # extramask
     m.sig.mask = (mask | (high << 32)) & ~UNBLOCKABLE
     raise _Return(_restore_sigcontext(m, raw[:88]))
 
