@@ -473,13 +473,7 @@ class CodeCache:
     def invalidate_page(self, page, cause="smc"):
         """Drop every block with bytes on a guest page (and its decoded callout instructions);
         returns how many blocks."""
-        tbs = list(self.by_page.get(page, ()))
-        for tb in tbs:
-            self.forget(tb, cause)
-        self.by_page.pop(page, None)
-        for k in self.insns_by_page.pop(page, ()):
-            self.insns.pop(k, None)
-        return len(tbs)
+        return self.invalidate_range(page, 0, 0x1000, cause)
 
     def invalidate_range(self, page, start, end, cause="smc"):
         """Drop the blocks with bytes at offsets [start, end) of a guest page (and the page's
