@@ -126,7 +126,8 @@ class CodeCache:
         self.slot_target = {}                 # slot address -> TB
         self.by_fn = {}
         self.on_install = None
-        self.insns = {}                       # (eip, key) -> decoded instruction (callouts)
+        self.insns = {}                       # (eip, key) -> (decoded instruction, mapping_gen) (callouts)
+        self.mapping_gen = 0                  # bumped when the linear->physical view may have changed
         self.insns_by_page = {}               # page -> keys of self.insns
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
@@ -496,22 +497,36 @@ class CodeCache:
     def instruction(self, eip, key):
         """The decoded instruction at (eip, key), for the runtime's callout handlers; None if the
         bytes do not decode.  Kept until its page is invalidated, like the blocks, so a callout
-        (a syscall, an IN/OUT) does not pay for Capstone each time; checked against the bytes
-        now at eip, so it survives address-space switches (an Insn depends only on its bytes,
-        its address and the mode bits of key)."""
+        (a syscall, an IN/OUT) does not pay for Capstone each time.  An entry is trusted as long
+        as the linear->physical view has not changed since it was checked (mapping_changed) and
+        its page still holds translated code (so writes to it invalidate it); otherwise it is
+        checked against the bytes now at eip, so it survives address-space switches (an Insn
+        depends only on its bytes, its address and the mode bits of key)."""
         k = (eip, key)
-        insn = self.insns.get(k)
-        if insn is not None and self.fetch(eip, insn.size) != insn.raw:
-            insn = None
-        if insn is None:
-            blk = decode_block(self.fetch, eip, key | S.KEY_STEP, ends_block)
-            if not blk.insns:
-                return None
-            insn = blk.insns[0]
-            if (eip & 0xFFF) + insn.size <= 0x1000:
-                self.insns[k] = insn
+        hit = self.insns.get(k)
+        if hit is not None:
+            insn, gen = hit
+            if gen == self.mapping_gen and self.by_page.get(eip & ~0xFFF):
+                return insn
+            if self.fetch(eip, insn.size) == insn.raw:
+                self.insns[k] = (insn, self.mapping_gen)
+                return insn
+        blk = decode_block(self.fetch, eip, key | S.KEY_STEP, ends_block)
+        if not blk.insns:
+            return None
+        insn = blk.insns[0]
+        if (eip & 0xFFF) + insn.size <= 0x1000:
+            if hit is None:
                 self.insns_by_page.setdefault(eip & ~0xFFF, []).append(k)
+            self.insns[k] = (insn, self.mapping_gen)
+        elif hit is not None:
+            del self.insns[k]
         return insn
+
+    def mapping_changed(self):
+        """The linear->physical view may have changed (a TLB flush): callout instructions are
+        checked against memory again before they are trusted."""
+        self.mapping_gen += 1
 
     def forget_instructions(self):
         """Drop every decoded callout instruction (the linear->physical mapping changed)."""

@@ -170,9 +170,11 @@ class CPU:
 
     # ---- soft-MMU slow paths (called from translated code) --------------------------
     def tlb_flush(self):
+        self.cache.mapping_changed()
         ctypes.memset(ctypes.addressof(self.st) + S.offset("tlb"), 0xFF, ctypes.sizeof(self.st.tlb))
 
     def tlb_flush_page(self, page):
+        self.cache.mapping_changed()
         i = (page >> 12) & (S.TLB_SIZE - 1)
         for priv in range(S.TLB_PRIVS):
             for kind in range(S.TLB_KINDS):

@@ -126,3 +126,22 @@ def test_invlpg_of_another_page_keeps_the_write_trap_of_a_global_alias():
     out = _run(_map(A | G) + _code(1, 0x200000) + "    invlpg [0x600000]\n"
                + call + store(0) + _code(2, 0x200000) + call + store(1))
     assert out[:2] == [1, 2]
+
+
+def _bytes_at(code, addr):
+    return "".join(f"    mov byte ptr [{addr + i:#x}], {b:#x}\n" for i, b in enumerate(code))
+
+
+# mov eax, cr3; ret  and  mov eax, cr0; ret: callouts whose decoded instruction the runtime keeps.
+MOV_CR3, MOV_CR0 = bytes([0x0F, 0x20, 0xD8, 0xC3]), bytes([0x0F, 0x20, 0xC0, 0xC3])
+CALL = "    mov ebx, 0x200000\n    call ebx\n"
+
+
+def test_callout_instruction_decoded_in_one_address_space_is_not_reused_in_another():
+    # The same linear address holds a different callout after a remap and a CR3 write (and after
+    # an INVLPG): the runtime must emulate the instruction now there, not the one it decoded.
+    out = _run(_bytes_at(MOV_CR3, 0x205000) + _bytes_at(MOV_CR0, 0x206000)
+               + _map(A) + CALL + store(0) + _map(B) + CR3 + CALL + store(1)
+               + _map(A) + "    invlpg [0x200000]\n" + CALL + store(2)
+               + "    mov eax, cr3\n" + store(3) + "    mov eax, cr0\n" + store(4))
+    assert out[:3] == [out[3], out[4], out[3]] and out[3] != out[4]

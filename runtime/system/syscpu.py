@@ -253,6 +253,7 @@ class SystemCPU(CPU):
     def tlb_flush(self, keep_global=False):
         """Empty the soft TLB; keep_global (a CR3 write with CR4.PGE) puts global entries back."""
         if keep_global:
+            self.cache.mapping_changed()
             self.tlb_shadow.restore_globals(self.st.tlb)       # overwrites every entry
         else:
             super().tlb_flush()
