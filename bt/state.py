@@ -116,6 +116,10 @@ class CPUState(ctypes.Structure):
         # empty for read-only data and code) and a null selector (both empty) folded into one range.
         ("seg_lo", ctypes.c_uint32 * 12),
         ("seg_hi", ctypes.c_uint32 * 12),
+        # ---- the native read-miss path of flat machines (runtime/native_refill.py) ----
+        ("refill_perm", ctypes.c_uint64),          # u8 per 4 KiB page, bit 0: readable
+        ("refill_base", ctypes.c_uint64),          # host address of guest address 0
+        ("refill_slow", ctypes.c_uint64),          # the runtime's own load slow path
     ]
 
     def __init__(self, *args, **kw):

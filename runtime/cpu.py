@@ -16,6 +16,7 @@ from bt.semantics import Unsupported, ends_block
 from bt.sensitive import callout_name
 
 from .memory import PAGE, R, W, X
+from .native_refill import load_refill_address
 
 LOAD_SLOW = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
 STORE_SLOW = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
@@ -108,6 +109,13 @@ class CPU:
         self._load_cb = LOAD_SLOW(self._load_slow)
         self._store_cb = STORE_SLOW(self._store_slow)
         self.st.load_slow = ctypes.cast(self._load_cb, ctypes.c_void_p).value
+        if type(self)._load_slow is CPU._load_slow and type(self)._tlb_fill is CPU._tlb_fill:
+            # Flat memory: read misses of readable pages are refilled natively (native_refill).
+            self._perm_view = (ctypes.c_uint8 * len(mem.perm)).from_buffer(mem.perm)
+            self.st.refill_perm = ctypes.addressof(self._perm_view)
+            self.st.refill_base = mem.base
+            self.st.refill_slow = self.st.load_slow
+            self.st.load_slow = load_refill_address()
         self.st.store_slow = ctypes.cast(self._store_cb, ctypes.c_void_p).value
         self.cache = CodeCache(self._fetch, self._code_page)
         self.st.jmp_cache = self.cache.jmp_cache_addr

@@ -172,3 +172,18 @@ def test_arpl_against_unicorn(dst, src):
     lower = (dst & 3) < (src & 3)
     assert r["final"]["regs"]["eax"] & 0xFFFF == ((dst & ~3) | (src & 3) if lower else dst)
     assert bool(r["final"]["regs"]["eflags"] & 0x40) == lower
+
+
+def test_tlb_conflict_misses_are_refilled_in_native_code(monkeypatch):
+    # 0x100000 and 0x500000 share a slot of the direct-mapped soft TLB, so alternating reads miss
+    # every time; on a flat machine the refill is native (runtime/native_refill.py), not Python.
+    from runtime.cpu import CPU
+    code = asm("mov ecx, 100; top: add eax, [0x100000]; add bx, [0x500002]; loop top; hlt")
+    case = make_case(code, data={0x100000: (3).to_bytes(4, "little"), 0x500000: (5 << 16).to_bytes(4, "little")})
+    calls = []
+    python_path = CPU._load_slow
+    monkeypatch.setattr(CPU, "_load_slow", lambda self, st, a, s: calls.append(a) or python_path(self, st, a, s))
+    r = run_case(case)
+    assert (r["final"]["regs"]["eax"], r["final"]["regs"]["ebx"]) == (300, 500)
+    assert oracle_mismatches(case, r) == []
+    assert len(calls) < 5, f"{len(calls)} reads took the Python slow path"
