@@ -693,3 +693,16 @@ def test_far_jmp_through_a_call_gate_stops_cleanly_as_unsupported():
     # Call gates are not implemented yet (README): the VM must stop with a message, not misbehave.
     res, r, _ = run("    .byte 0xea\n    .long 0\n    .word 0x60\n")
     assert res.status == 1 and "gate" in res.message and r["marker"] != GOOD
+
+
+def test_sti_shadow_does_not_outlive_its_instruction(monkeypatch):
+    # STI (IF clear) shadows only the next instruction (here a CLI).  The run goes on past it, so
+    # when the slice ends 100,000 instructions later the machine must not run one instruction on its own (that
+    # single-step translation would land at a random place in every boot).
+    from runtime.cpu import CPU
+    budgets = []
+    real_run = CPU.run
+    monkeypatch.setattr(CPU, "run", lambda self, n=None, exact=True: budgets.append(n) or real_run(self, n, exact))
+    res, r, out = run("    cli\n    sti\n    cli\n    mov ecx, 100000\nshadow_loop:\n    dec ecx\n    jnz shadow_loop\n")
+    completed(res, r)
+    assert len(budgets) > 3 and 1 not in budgets, budgets

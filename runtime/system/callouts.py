@@ -86,6 +86,14 @@ def _next(cpu, insn):
     cpu.set_reg("eip", insn.next)
 
 
+def _shadow(cpu):
+    """No interrupt before the next instruction completes (STI with IF clear, MOV/POP SS).  The
+    run loop counts this instruction after its handler: the shadow holds while icount is one more
+    than now, i.e. only if the run returns to the machine right after it (SystemCPU.in_shadow)."""
+    cpu.interrupt_shadow = True
+    cpu.shadow_at = cpu.icount + 1
+
+
 def _ring0(cpu):
     if cpu.cpl != 0:
         raise GuestFault(GP, 0)
@@ -156,7 +164,7 @@ def intflag(cpu, insn):
     fl = cpu.st.eflags
     if insn.mnemonic == "sti":
         if not fl & (1 << S.IF):
-            cpu.interrupt_shadow = True
+            _shadow(cpu)
         cpu.set_eflags(fl | (1 << S.IF))
     else:
         cpu.set_eflags(fl & ~(1 << S.IF))
@@ -231,7 +239,8 @@ def movspecial(cpu, insn):
             raise GuestFault(UD)
         cpu.load_segment(dst.reg, sel)
         if dst.reg == S.SS:
-            cpu.interrupt_shadow = cpu.debug_shadow = True   # no interrupt, no #DB trap after it
+            _shadow(cpu)
+            cpu.debug_shadow = True         # no interrupt, no #DB trap after it
         return _next(cpu, insn)
     _ring0(cpu)
     special = dst if dst.kind == "other" else src
@@ -269,7 +278,8 @@ def segload(cpu, insn):
         cpu.load_segment(dst.reg, sel)
         cpu.set_reg("esp", esp + w)
         if dst.reg == S.SS:
-            cpu.interrupt_shadow = cpu.debug_shadow = True
+            _shadow(cpu)
+            cpu.debug_shadow = True
         return _next(cpu, insn)
     # LDS/LES/LFS/LGS/LSS r, m16:32
     dst, src = insn.ops

@@ -41,6 +41,7 @@ class Machine:
         self.cpu.callouts.update(HANDLERS)
         self.cpu.on_exception = self._exception
         self.cpu.interrupt_shadow = False
+        self.cpu.shadow_at = 0
         # Halted time (an idle warp) is charged to extra_ns like I/O time: the TSC (instructions +
         # extra_ns) and the devices then agree; with the warp outside, a halted guest saw its TSC
         # run at half the PIT's rate ("Marking clocksource 'tsc-early' as unstable").
@@ -105,13 +106,23 @@ class Machine:
         cpu = self.cpu
         if not cpu.st.eflags & (1 << S.IF) or not self.pc.pic.pending():
             return False
-        if cpu.interrupt_shadow:
+        if self._in_shadow():
             cpu.interrupt_shadow = False
             return False
         vector = self.pc.pic.acknowledge()
         self.halted = False
         self._exception_safe(lambda: cpu.deliver(vector, None, return_eip=cpu.st.eip))
         return True
+
+    def _in_shadow(self):
+        """Whether the instruction just executed was an STI/MOV SS whose shadow covers the next one.
+        A run goes on past them (the machine sees pending interrupts at the end of its slice), so a
+        shadow that is not the last instruction has long passed: running the instruction the slice
+        stopped at on its own (budget 1) would only translate it again, at a random place each boot."""
+        cpu = self.cpu
+        if cpu.interrupt_shadow and cpu.icount != cpu.shadow_at:
+            cpu.interrupt_shadow = False
+        return cpu.interrupt_shadow
 
     def _exception_safe(self, fn):
         try:
@@ -162,7 +173,7 @@ class Machine:
                         self.clock.idle(max_ns=50_000_000)
                     continue
                 budget = SLICE
-                if cpu.interrupt_shadow:
+                if self._in_shadow():
                     budget = 1
                 # The slice may end a block early (exact=False); the interrupt shadow's one
                 # instruction must be exact.
