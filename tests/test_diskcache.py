@@ -324,3 +324,20 @@ def test_profile_passes_cache_options_through(tmp_path):
     assert second["compiled_blocks"] == 0 and second["persistent_hits"] > 0
     third = profile("--no-cache", "--cache-dir", str(d))
     assert third["persistent_hits"] == 0 and third["persistent_stores"] == 0
+
+
+def test_stencil_batches_with_the_same_head_do_not_overwrite_each_other(tmp_path):
+    # Two runs store stencil-recipe batches (tier 3) that start with the same block but hold
+    # different blocks after it: every block stays findable through the index.
+    from bt.diskcache import DiskCache
+    mem = {0x1000 * i: bytes([i]) * 64 for i in range(1, 4)}
+    fetch = lambda a, n: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + n]   # noqa: E731
+    blk = lambda eip: (eip, fetch(eip, 8), fetch(eip, 32), 1, f"f{eip:x}", [])  # noqa: E731
+    run1 = DiskCache(tmp_path, "test")
+    run1.store(1, [blk(0x1000), blk(0x2000)], b"A" * 100, tier=3)
+    run2 = DiskCache(tmp_path, "test")
+    run2.store(1, [blk(0x1000), blk(0x3000)], b"B" * 100, tier=3)
+    run3 = DiskCache(tmp_path, "test")
+    for eip in (0x2000, 0x3000):
+        found = [run3.open(n, eip, 1, fetch) for n in run3.candidates(eip, 1, fetch(eip, 32))]
+        assert any(e is not None and eip in e.valid for e in found), hex(eip)
