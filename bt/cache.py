@@ -28,6 +28,7 @@ _MEMO = {}
 # Disk-cache entries whose object is loaded in this process (its symbols are taken), by entry
 # name: (tier, [TB of each block]).  A later miss on one of their blocks adopts the TB.
 _ENTRIES = {}
+_DEFERRED = {}    # stencil entry name -> {eip: (stored block, recipe)} not rebuilt at load
 # Tier-2 regions by the memo key of each member: a cache that adopts a memoized tier-1 block
 # takes its whole region instead when every member's bytes are in its memory.
 _REGIONS = {}
@@ -351,6 +352,8 @@ class CodeCache:
             known = _ENTRIES.get(name)
             if known is not None:           # loaded earlier in this process: no file to read
                 tb = self._adopt_entry(*known, eip, key, counter="memo_hits")
+                if tb is None:
+                    tb = self._rebuild_deferred(name, eip, key)
                 if tb is not None:
                     return tb
                 continue
@@ -396,6 +399,9 @@ class CodeCache:
                 recipe = data[pos + 4:pos + 4 + n]
                 pos += 4 + n
                 if blk.eip not in ent.valid:
+                    # Its bytes are not in memory yet (a page the guest has not loaded): kept, to
+                    # be rebuilt if they are there when it is reached.
+                    _DEFERRED.setdefault(ent.name, {})[blk.eip] = (blk, recipe)
                     continue
                 built = self.stencils.rebuild(recipe, self.hot_threshold)
                 if built is None:
@@ -409,6 +415,27 @@ class CodeCache:
         _ENTRIES[ent.name] = (STENCIL_TIER, tbs)
         self.counters["persistent_batches"] += 1
         return self._adopt_entry(STENCIL_TIER, tbs, eip, key)
+
+    def _rebuild_deferred(self, name, eip, key):
+        """The block at eip from a loaded stencil entry that skipped it (its bytes were not in
+        memory then), if they are now; None otherwise."""
+        item = _DEFERRED.get(name, {}).get(eip)
+        if item is None or self.stencils is None:
+            return None
+        blk, recipe = item
+        if blk.key != key or self.fetch(blk.eip, len(blk.raw)) != blk.raw:
+            return None
+        try:
+            built = self.stencils.rebuild(recipe, self.hot_threshold)
+        except (struct.error, IndexError, KeyError):
+            built = None
+        if built is None:
+            return None
+        del _DEFERRED[name][eip]
+        tb = self._stencil_tb(blk, *built)
+        _MEMO.setdefault(tb.memo_key, tb)
+        _ENTRIES[name][1].append(tb)
+        return self._adopt_entry(STENCIL_TIER, [tb], eip, key)
 
     def _adopt_entry(self, tier, tbs, eip, key, counter="persistent_hits"):
         """Install the blocks of a loaded entry that match guest memory; the TB at eip or None."""

@@ -341,3 +341,21 @@ def test_stencil_batches_with_the_same_head_do_not_overwrite_each_other(tmp_path
     for eip in (0x2000, 0x3000):
         found = [run3.open(n, eip, 1, fetch) for n in run3.candidates(eip, 1, fetch(eip, 32))]
         assert any(e is not None and eip in e.valid for e in found), hex(eip)
+
+
+def test_block_whose_bytes_arrive_after_its_entry_was_loaded_is_not_compiled_again(tmp_path):
+    # The program writes a function (mov eax, 5; ret) to a fresh page and calls it.  The second
+    # run loads the entry holding all three blocks before the function's bytes are in memory; the
+    # function must still come from that entry when it is reached, not be compiled again.
+    code = asm("""
+        mov edi, 0x5000
+        mov dword ptr [edi], 0x000005b8
+        mov word ptr [edi + 4], 0xc300
+        call edi
+        add eax, 1
+        hlt
+    """)
+    first = _run(code, tmp_path)
+    assert first["stop"] == "hlt" and first["eax"] == 6 and first["compiled"] >= 3
+    second = _run(code, tmp_path)
+    assert second["eax"] == 6 and second["compiled"] == 0, second
