@@ -10,7 +10,7 @@ fault exit stores the snapshot taken when the instruction began.
 IR is built as text (llvmlite's IR objects cost more and their opaque-pointer
 support is incomplete); values are small `V` objects carrying their type.
 """
-from . import state as S
+from . import lazyflags, state as S
 from .state import offset
 
 PTR = "ptr"
@@ -200,6 +200,7 @@ class Emitter:
         self.main_scope = self.scope = object()
         self.packs = {}
         self.touched_regs = set()     # stencil mode: GPRs the semantics named (see _StencilRegs)
+        self.cc_ops = []              # flag-setting operations that can leave the flags lazy (note_cc)
         if stencil is None:
             self._emit_prologue(block.eip, self.ninsns)
         else:
@@ -417,20 +418,57 @@ class Emitter:
             regs = _StencilRegs(regs)
             regs.touched = self.touched_regs
         self.regs = regs
-        ef = self.ef = self._lazy_load(offset("eflags"), "i32")
+        # ef: EFLAGS with the lazy status flags folded in (bt.lazyflags), for reading flags;
+        # ef_raw: the stored word as is, whose bits other than the status flags are always current.
+        ef = self.ef = Lazy(self._materialized_eflags, "i32")
+        ef_raw = self.ef_raw = self._lazy_load(offset("eflags"), "i32")
         self.flags = {f: Lazy(lambda b=b: self.bit(ef, b), "i1") for f, b in _FLAG_ORDER}
-        self.eflags_other = Lazy(lambda: self.and_(ef, const(~_ALL_FLAGS_MASK, "i32")), "i32")
+        self.eflags_other = Lazy(lambda: self.and_(ef_raw, const(~_ALL_FLAGS_MASK, "i32")), "i32")
         self.dirty_regs = set()
         self.dirty_flags = set()
         self.dirty_other = False
 
-    def _packed_eflags(self, flags, other, dirty_flags, dirty_other, ef):
+    def _materialized_eflags(self):
+        """EFLAGS with pending lazy status flags folded in first (by the runtime's native
+        materializer, bt.lazyflags; only when a tier-2 region left them lazy)."""
+        cc = self.load_field(offset("cc_op"), "i32")
+        lazy, ok = self.new_label("cclazy"), self.new_label("ccok")
+        self.cbr(self.icmp("ne", cc, self.c(0)), lazy, ok)
+        self.set_label(lazy)
+        fp = self.load_field(offset("materialize"), PTR)
+        self.emit(f"call void {fp.s}(ptr %st)")
+        self.br(ok)
+        self.set_label(ok)
+        return self.load_field(offset("eflags"), "i32")
+
+    def note_cc(self, kind, a, b, res):
+        """The six status flags were just set by operation `kind` (bt.lazyflags.KINDS) on a, b
+        giving res: an exit that still has them all may store the operation instead."""
+        code = lazyflags.code(kind, res.t)
+        if code is not None:
+            self.cc_ops.append((code, a, b, res, tuple(self.flags[f] for f in lazyflags.STATUS)))
+
+    def _lazy_cc(self, flags, dirty_flags, dirty_other):
+        """(code, a, b, res) if this exit may leave the status flags lazy: a tier-2 region's,
+        with all six from one noted operation and no other flag changed; else None."""
+        if not self.module.region or self.stencil is not None or dirty_other or "DF" in dirty_flags:
+            return None
+        now = tuple(flags[f] for f in lazyflags.STATUS)
+        for code, a, b, res, lazies in reversed(self.cc_ops[-4:]):
+            if all(x is y for x, y in zip(now, lazies)):
+                return code, a, b, res
+        return None
+
+    def _packed_eflags(self, flags, other, dirty_flags, dirty_other, ef, ef_raw):
         """The EFLAGS image to store: the entry value with the modified flags replaced.
         Memoized: exits that see the same flag values share one (main-line) computation."""
         if dirty_other:
             base, packed = other, _FLAG_ORDER
         else:
-            base, packed = ef, [(f, b) for f, b in _FLAG_ORDER if f in dirty_flags]
+            # When every status flag is replaced, the stored word's other bits suffice: pending
+            # lazy flags need not be folded in first.
+            whole = all(f in dirty_flags for f in lazyflags.STATUS)
+            base, packed = ef_raw if whole else ef, [(f, b) for f, b in _FLAG_ORDER if f in dirty_flags]
         key = (base,) + tuple(flags[f] for f, _ in packed)
         hit = self.packs.get(key)
         if hit is not None and (hit[1] is self.main_scope or hit[1] is self.scope):
@@ -441,17 +479,25 @@ class Emitter:
             mask = 0
             for f, b in packed:
                 mask |= 1 << b
-            v = self.and_(ef, const(~mask, "i32"))
+            v = self.and_(base, const(~mask, "i32"))
         for f, bitpos in packed:
             v = self.or_(v, self.shl(self.zext(flags[f], "i32"), const(bitpos, "i32")))
         self.packs[key] = (v, self.scope)
         return v
 
-    def _exit_stores(self, regs, flags, other, dirty_regs, dirty_flags, dirty_other, ef):
+    def _exit_stores(self, regs, flags, other, dirty_regs, dirty_flags, dirty_other, ef, ef_raw):
         """[(state offset, value)] an exit with this state writes back (computed where called)."""
         out = [(reg_offset(i), self.f(regs[i])) for i in sorted(dirty_regs)]
         if dirty_flags or dirty_other:
-            out.append((offset("eflags"), self._packed_eflags(flags, other, dirty_flags, dirty_other, ef)))
+            cc = self._lazy_cc(flags, dirty_flags, dirty_other)
+            if cc is not None:
+                code, a, b, res = cc
+                out += [(offset("cc_op"), const(code, "i32")), (offset("cc_a"), self.resize(a, "i32")),
+                        (offset("cc_b"), self.resize(b, "i32")), (offset("cc_res"), self.resize(res, "i32"))]
+            else:
+                out.append((offset("eflags"), self._packed_eflags(flags, other, dirty_flags, dirty_other,
+                                                                  ef, ef_raw)))
+                out.append((offset("cc_op"), const(0, "i32")))
         return out
 
     def _store_values(self, *state):
@@ -460,7 +506,7 @@ class Emitter:
 
     def _state(self):
         return (self.regs, self.flags, self.eflags_other,
-                self.dirty_regs, self.dirty_flags, self.dirty_other, self.ef)
+                self.dirty_regs, self.dirty_flags, self.dirty_other, self.ef, self.ef_raw)
 
     def flush(self):
         """Write every modified register and flag back to the state.
@@ -478,7 +524,7 @@ class Emitter:
     def take_snapshot(self):
         """Record the values a fault exit restores (the current instruction's start)."""
         self.snapshot = (list(self.regs), dict(self.flags), self.eflags_other,
-                         set(self.dirty_regs), set(self.dirty_flags), self.dirty_other, self.ef)
+                         set(self.dirty_regs), set(self.dirty_flags), self.dirty_other, self.ef, self.ef_raw)
         self.fault_label = None
         self.fault_ready = False
 

@@ -98,6 +98,13 @@ class CPUState(ctypes.Structure):
         ("store_slow", ctypes.c_uint64),   # void (state*, u32 addr, u64 val, u32 size)
         ("jmp_cache", ctypes.c_uint64),    # JmpCacheEntry[JMP_CACHE_SIZE]
         ("scratch", ctypes.c_uint64 * 4),
+        # ---- lazy status flags (bt/lazyflags.py): while cc_op != 0, EFLAGS' six status flags are
+        # those of the operation cc_op on cc_a, cc_b giving cc_res, not the bits in eflags.
+        ("cc_op", ctypes.c_uint32),
+        ("cc_a", ctypes.c_uint32),
+        ("cc_b", ctypes.c_uint32),
+        ("cc_res", ctypes.c_uint32),
+        ("materialize", ctypes.c_uint64),  # void (state*): folds the lazy flags into eflags
         ("tlb", TLBEntry * (TLB_PRIVS * TLB_KINDS * TLB_SIZE)),
         # ---- x87 FPU (bt/semantics/x87.py) ----
         # The guest FPU state is kept as an FNSAVE image in the 32-bit protected-mode

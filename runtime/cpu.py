@@ -7,7 +7,7 @@ a small dispatcher generated with llvmlite that probes the jump cache.
 """
 import ctypes
 
-from bt import state as S
+from bt import lazyflags, state as S
 from bt.cache import CodeCache
 from bt.decode import DecodeError, decode_block
 from bt.emit import CC
@@ -58,6 +58,14 @@ go:
   %fpp = getelementptr i8, ptr %ent, i64 8
   %fp = load ptr, ptr %fpp
   %r = call {CC} i32 %fp(ptr %st)
+  %ccp = getelementptr i8, ptr %st, i64 {o('cc_op')}
+  %cc = load i32, ptr %ccp
+  %lazy = icmp ne i32 %cc, 0
+  br i1 %lazy, label %fold, label %out
+fold:
+  call void @btvm_materialize(ptr %st)
+  br label %out
+out:
   ret i32 %r
 miss:
   %cfp = getelementptr i8, ptr %st, i64 {o('chain_from')}
@@ -65,10 +73,12 @@ miss:
   ret i32 {S.EXIT_LOOKUP}
 }}
 """
-        mt = ModuleText("enter")
+        # The runtime sees plain EFLAGS: lazy flags a region left are folded in on the way out.
+        mt = lazyflags.materializer_ir()
         mt.functions.append(ir)
-        fns, _ = shared_jit().compile(mt, ["btvm_enter"])
+        fns, _ = shared_jit().compile(mt, ["btvm_enter", "btvm_materialize"])
         _enter_fn = ENTER(fns["btvm_enter"])
+        _enter_fn.materialize = fns["btvm_materialize"]
     return _enter_fn
 
 
@@ -126,6 +136,7 @@ class CPU:
         self.tsc_offset = 0
         self.extra_ns = 0       # virtual time charged beyond one ns per instruction (I/O bus cycles)
         self._enter = _native_enter()
+        self.st.materialize = self._enter.materialize
         self._pending_error = None
         # EFLAGS.TF single-stepping (SDM Vol. 3A 17.3.1.4): a machine that implements it sets
         # on_single_step(cpu), which delivers the #DB trap (eip already after the instruction).

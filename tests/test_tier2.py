@@ -268,3 +268,46 @@ def test_a_broken_worker_process_falls_back_to_the_thread(monkeypatch):
     opt._run(job)
     assert job.error is None and job.obj == tier2.compile_region(opt.tm, _REGION)
     assert not opt.process
+
+
+LAZY_OPS = [("add bl, dl", 0x8D5), ("add bx, dx", 0x8D5), ("add ebx, edx", 0x8D5),
+            ("sub bl, dl", 0x8D5), ("sub bx, dx", 0x8D5), ("cmp ebx, edx", 0x8D5), ("neg ebx", 0x8D5),
+            ("and bl, dl", 0x8C5), ("or bx, dx", 0x8C5), ("xor ebx, edx", 0x8C5), ("test ebx, edx", 0x8C5),
+            ("inc bl", 0x8D5), ("inc bx", 0x8D5), ("inc ebx", 0x8D5),
+            ("dec bl", 0x8D5), ("dec bx", 0x8D5), ("dec ebx", 0x8D5)]
+
+
+@pytest.mark.parametrize("op,mask", LAZY_OPS, ids=[op for op, _ in LAZY_OPS])
+def test_lazy_flags_left_by_a_region_read_by_the_next_block(promote, op, mask):
+    # The region's exits leave `op`'s flags lazy (bt/lazyflags.py); they are read by PUSHFD at the
+    # start of the next block, by ADC after the loop and by the runtime (final EFLAGS).  The CF
+    # that INC/DEC keep comes from the ADD/SUB before them.  mask: the flags the SDM defines.
+    promote(8)
+    code = asm(f"""
+        mov ecx, 60
+        mov ebx, 0x7FFFFF80
+        mov edx, 0x00FF7FFF
+        xor esi, esi
+    top:
+        add ebx, 0x01234567
+        sub edx, ebx
+        {op}
+        jmp mid
+    mid:
+        pushfd
+        pop eax
+        and eax, {mask:#x}
+        xor esi, eax
+        rol esi, 5
+        sub edx, 0x111
+        {op}
+        loop top
+        adc esi, 0
+        mov eax, esi
+        hlt
+    """, 0x1000)
+    eax, counters, t2 = _run(code)
+    assert counters["tier2_blocks"] >= 2 and eax == _unicorn_eax(code)
+    case = make_case(code, max_instructions=10**6)
+    r = run_case(case)                  # the same regions (memoized), final EFLAGS compared too
+    assert oracle_mismatches(case, r) == []

@@ -79,6 +79,8 @@ def _incdec_flags(sub):
         cf = e.flag("CF")       # INC/DEC leave CF alone
         (sub_flags if sub else add_flags)(e, a, one, res)
         e.set_flag("CF", cf)
+        # Lazily: the operation's flags with CF from cc_b (bt.lazyflags).
+        e.note_cc("dec" if sub else "inc", a, e.lazy(lambda: e.zext(cf, a.t), a.t), res)
     return flags
 
 

@@ -36,6 +36,8 @@ def add_flags(e, a, b, res, carry_in=None):
     e.set_flag("OF", e.lazy(lambda: e.msb(e.and_(e.xor(a, res), e.xor(b, res)))))
     e.set_flag("AF", e.lazy(lambda: aux(e, a, b, res)))
     set_szp(e, res)
+    if carry_in is None:
+        e.note_cc("add", a, b, res)
 
 
 def sub_flags(e, a, b, res, borrow_in=None):
@@ -50,6 +52,8 @@ def sub_flags(e, a, b, res, borrow_in=None):
     e.set_flag("OF", e.lazy(lambda: e.msb(e.and_(e.xor(a, b), e.xor(a, res)))))
     e.set_flag("AF", e.lazy(lambda: aux(e, a, b, res)))
     set_szp(e, res)
+    if borrow_in is None:
+        e.note_cc("sub", a, b, res)
 
 
 def logic_flags(e, res):
@@ -59,6 +63,7 @@ def logic_flags(e, res):
     e.set_flag("OF", false)
     e.set_flag("AF", false)
     set_szp(e, res)
+    e.note_cc("logic", res, res, res)
 
 
 # Condition codes in the encoding order of Jcc/SETcc/CMOVcc low nibble.

@@ -74,8 +74,8 @@ def stos(e, insn, size):
 
 def _rep_loop(e, insn, body, size, tests_zf):
     k_left = e.left(after=True)
-    pre = e.label
     e.flush()
+    pre = e.label           # after the flush: folding in lazy flags may have started a new label
     header, done = e.new_label("rep"), e.new_label("repdone")
     e.br(header)
     e.set_label(header)
