@@ -129,6 +129,8 @@ class CodeCache:
         self.on_install = None
         self.insns = {}                       # (eip, key) -> (decoded instruction, mapping_gen) (callouts)
         self.mapping_gen = 0                  # bumped when the linear->physical view may have changed
+        self.global_gen = 0                   # bumped when that of global pages may have (not CR3 writes)
+        self.is_global = None                 # fn(eip): its page is mapped global (system mode sets it)
         self.insns_by_page = {}               # page -> keys of self.insns
         self.slot_owner = {}                  # slot address -> TB whose exit it is
         self.counters = Counter()
@@ -532,11 +534,11 @@ class CodeCache:
         k = (eip, key)
         hit = self.insns.get(k)
         if hit is not None:
-            insn, gen = hit
-            if gen == self.mapping_gen and self.by_page.get(eip & ~0xFFF):
+            insn, gen, ggen = hit
+            if (gen == self.mapping_gen or ggen == self.global_gen) and self.by_page.get(eip & ~0xFFF):
                 return insn
             if self.fetch(eip, insn.size) == insn.raw:
-                self.insns[k] = (insn, self.mapping_gen)
+                self.insns[k] = (insn, self.mapping_gen, self._global_gen_of(eip))
                 return insn
         blk = decode_block(self.fetch, eip, key | S.KEY_STEP, ends_block)
         if not blk.insns:
@@ -545,15 +547,22 @@ class CodeCache:
         if (eip & 0xFFF) + insn.size <= 0x1000:
             if hit is None:
                 self.insns_by_page.setdefault(eip & ~0xFFF, []).append(k)
-            self.insns[k] = (insn, self.mapping_gen)
+            self.insns[k] = (insn, self.mapping_gen, self._global_gen_of(eip))
         elif hit is not None:
             del self.insns[k]
         return insn
 
-    def mapping_changed(self):
-        """The linear->physical view may have changed (a TLB flush): callout instructions are
-        checked against memory again before they are trusted."""
+    def _global_gen_of(self, eip):
+        # An entry of a global page stays trusted across CR3 writes, as its TLB entries do.
+        return self.global_gen if self.is_global is not None and self.is_global(eip) else -1
+
+    def mapping_changed(self, keep_global=False):
+        """The linear->physical view may have changed (a TLB flush; keep_global: a CR3 write,
+        which keeps global pages): callout instructions are checked against memory again
+        before they are trusted."""
         self.mapping_gen += 1
+        if not keep_global:
+            self.global_gen += 1
 
     def forget_instructions(self):
         """Drop every decoded callout instruction (the linear->physical mapping changed)."""

@@ -192,8 +192,10 @@ class CPU:
         self.cache.mapping_changed()
         ctypes.memset(ctypes.addressof(self.st) + S.offset("tlb"), 0xFF, ctypes.sizeof(self.st.tlb))
 
-    def tlb_flush_page(self, page):
-        self.cache.mapping_changed()
+    def tlb_flush_page(self, page, remap=True):
+        """Drop page's TLB entries; remap=False: its mapping stays (writes must trap now)."""
+        if remap:
+            self.cache.mapping_changed()
         i = (page >> 12) & (S.TLB_SIZE - 1)
         for priv in range(S.TLB_PRIVS):
             for kind in range(S.TLB_KINDS):
@@ -261,7 +263,7 @@ class CPU:
 
     def _code_page(self, page):
         """A page now holds translated code: writes to it must take the slow path."""
-        self.tlb_flush_page(page)
+        self.tlb_flush_page(page, remap=False)
 
     def _fetch(self, addr, n):
         out = bytearray()

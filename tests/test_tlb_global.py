@@ -145,3 +145,15 @@ def test_callout_instruction_decoded_in_one_address_space_is_not_reused_in_anoth
                + _map(A) + "    invlpg [0x200000]\n" + CALL + store(2)
                + "    mov eax, cr3\n" + store(3) + "    mov eax, cr0\n" + store(4))
     assert out[:3] == [out[3], out[4], out[3]] and out[3] != out[4]
+
+
+def test_callout_instruction_on_a_global_page_is_decoded_again_after_invlpg_or_pge_toggle():
+    # A callout on a global page is trusted across CR3 writes, but not across the flushes that
+    # drop global translations.
+    toggle = "    mov eax, cr4\n    and eax, ~0x80\n    mov cr4, eax\n    or eax, 0x80\n    mov cr4, eax\n"
+    out = _run(_bytes_at(MOV_CR3, 0x205000) + _bytes_at(MOV_CR0, 0x206000)
+               + _map(A | G) + CALL + store(0) + CR3 + CALL + store(1)
+               + _map(B | G) + "    invlpg [0x200000]\n" + CALL + store(2)
+               + _map(A | G) + toggle + CALL + store(3)
+               + "    mov eax, cr3\n" + store(4) + "    mov eax, cr0\n" + store(5))
+    assert out[:4] == [out[4], out[4], out[5], out[4]] and out[4] != out[5]

@@ -66,6 +66,7 @@ class SystemCPU(CPU):
         self.jc_local = set()       # jump-cache entries that may hold code of non-global pages
         super().__init__(mem, S.make_key(cpl=0))
         self.cache.on_install = self._on_install
+        self.cache.is_global = self._maps_global
         self.on_single_step = SystemCPU.single_step_trap
         self.sync_segments()
 
@@ -253,14 +254,14 @@ class SystemCPU(CPU):
     def tlb_flush(self, keep_global=False):
         """Empty the soft TLB; keep_global (a CR3 write with CR4.PGE) puts global entries back."""
         if keep_global:
-            self.cache.mapping_changed()
+            self.cache.mapping_changed(keep_global=True)
             self.tlb_shadow.restore_globals(self.st.tlb)       # overwrites every entry
         else:
             super().tlb_flush()
             self.tlb_shadow.clear()
 
-    def tlb_flush_page(self, page):
-        super().tlb_flush_page(page)
+    def tlb_flush_page(self, page, remap=True):
+        super().tlb_flush_page(page, remap)
         self.tlb_shadow.drop_page(page)
 
     def _fetch(self, addr, n):
@@ -289,6 +290,15 @@ class SystemCPU(CPU):
                 return a, pf.error
         return None
 
+    def _maps_global(self, lin):
+        """Whether lin's page is mapped global now (PGE on): a CR3 write keeps its translation."""
+        if not self.cr0 & CR0_PG or not self.cr4 & CR4_PGE:
+            return False
+        try:
+            return bool(self.translate(lin, False, self.cpl == 3, True)[1])
+        except PageFault:
+            return False
+
     def _code_page(self, lin_page):
         try:
             phys = self.translate(lin_page, False, self.cpl == 3, True)[0] & ~0xFFF
@@ -301,7 +311,7 @@ class SystemCPU(CPU):
         lins = self.code_phys.setdefault(phys, set())
         if lin_page not in lins:
             lins.add(lin_page)
-            self.tlb_flush_page(lin_page)
+            self.tlb_flush_page(lin_page, remap=False)
             self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
 
     # ---- control registers and mode ---------------------------------------------------------------
