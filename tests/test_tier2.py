@@ -311,3 +311,66 @@ def test_lazy_flags_left_by_a_region_read_by_the_next_block(promote, op, mask):
     case = make_case(code, max_instructions=10**6)
     r = run_case(case)                  # the same regions (memoized), final EFLAGS compared too
     assert oracle_mismatches(case, r) == []
+
+
+@pytest.mark.parametrize("esp", [0x7800, 0x7FF0], ids=["one-page", "crossing"])
+def test_stack_window_of_a_region_matches_unicorn(promote, esp):
+    # [esp + disp] operands of a region's block share one TLB check at its entry
+    # (Emitter._stack_window); a window that crosses a page takes the probes instead.
+    promote(8)
+    code = asm(f"""
+        mov esp, {esp:#x}
+        mov ecx, 50
+        mov dword ptr [esp + 0x3c], 7
+    top:
+        mov eax, [esp + 0x3c]
+        add [esp + 4], eax
+        mov edx, [esp + 4]
+        xor [esp + 0x20], edx
+        mov ebx, [esp + 0x20]
+        mov [esp], ebx
+        add dword ptr [esp + 0x3c], {esp >> 8}
+        push ecx
+        pop ecx
+        mov [esp + 8], ecx
+        loop top
+        mov eax, [esp]
+        hlt
+    """, 0x1000)
+    eax, counters, _ = _run(code)
+    assert counters["tier2_blocks"] >= 1 and eax == _unicorn_eax(code)
+    case = make_case(code, max_instructions=10**6)
+    assert oracle_mismatches(case, run_case(case)) == []
+
+
+def test_stack_relative_store_into_a_regions_own_code(promote):
+    # ESP points at the code page: stores through [esp + disp] must still trap and invalidate.
+    promote(8)
+
+    def program(disp):
+        return asm(f"""
+        mov esp, 0x1000
+        mov ecx, 200
+        xor ebx, ebx
+    top:
+        mov eax, 1
+        add ebx, eax
+        mov edx, [esp + 0x10]
+        cmp ecx, 100
+        jne skip
+        mov edx, [esp + 0x18]
+        mov edx, [esp + 0x1c]
+        mov byte ptr [esp + {disp:#x}], 3
+    skip:
+        mov [esp + 0x80], edx
+        dec ecx
+        jnz top
+        hlt
+    """, 0x1000)
+    imm = program(0x7F).index(bytes.fromhex("b801000000")) + 1     # mov eax, 1: its immediate
+    code = program(imm)
+    assert code[imm - 1:imm + 1] == bytes.fromhex("b801")
+    case = make_case(code, max_instructions=10**6)
+    r = run_case(case)
+    assert r["final"]["regs"]["ebx"] == 101 * 1 + 99 * 3
+    assert oracle_mismatches(case, r) == []
