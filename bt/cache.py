@@ -523,22 +523,26 @@ class CodeCache:
             self.insns.pop(k, None)
         return len(tbs)
 
-    def instruction(self, eip, key):
+    def instruction(self, eip, key, expect=None):
         """The decoded instruction at (eip, key), for the runtime's callout handlers; None if the
         bytes do not decode.  Kept until its page is invalidated, like the blocks, so a callout
         (a syscall, an IN/OUT) does not pay for Capstone each time.  An entry is trusted as long
         as the linear->physical view has not changed since it was checked (mapping_changed) and
         its page still holds translated code (so writes to it invalidate it); otherwise it is
         checked against the bytes now at eip, so it survives address-space switches (an Insn
-        depends only on its bytes, its address and the mode bits of key)."""
+        depends only on its bytes, its address and the mode bits of key).  expect: (length,
+        callout id) of the instruction the exiting block was translated from (it ends a block at
+        a callout): an entry that disagrees is not trusted, so a block translated from another
+        physical page (a PTE changed without INVLPG) is never handed the old instruction."""
         k = (eip, key)
         hit = self.insns.get(k)
         if hit is not None:
-            insn, gen, ggen = hit
-            if (gen == self.mapping_gen or ggen == self.global_gen) and self.by_page.get(eip & ~0xFFF):
+            insn, gen, ggen, what = hit
+            agrees = expect is None or what == expect
+            if agrees and (gen == self.mapping_gen or ggen == self.global_gen) and self.by_page.get(eip & ~0xFFF):
                 return insn
-            if self.fetch(eip, insn.size) == insn.raw:
-                self.insns[k] = (insn, self.mapping_gen, self._global_gen_of(eip))
+            if agrees and self.fetch(eip, insn.size) == insn.raw:
+                self.insns[k] = (insn, self.mapping_gen, self._global_gen_of(eip), what)
                 return insn
         blk = decode_block(self.fetch, eip, key | S.KEY_STEP, ends_block)
         if not blk.insns:
@@ -547,7 +551,8 @@ class CodeCache:
         if (eip & 0xFFF) + insn.size <= 0x1000:
             if hit is None:
                 self.insns_by_page.setdefault(eip & ~0xFFF, []).append(k)
-            self.insns[k] = (insn, self.mapping_gen, self._global_gen_of(eip))
+            self.insns[k] = (insn, self.mapping_gen, self._global_gen_of(eip),
+                             expect if expect is not None and expect[0] == insn.size else None)
         elif hit is not None:
             del self.insns[k]
         return insn
@@ -563,6 +568,10 @@ class CodeCache:
         self.mapping_gen += 1
         if not keep_global:
             self.global_gen += 1
+
+    def forget_instructions_of(self, page):
+        for k in self.insns_by_page.pop(page, ()):
+            self.insns.pop(k, None)
 
     def forget_instructions(self):
         """Drop every decoded callout instruction (the linear->physical mapping changed)."""

@@ -277,9 +277,9 @@ class CPU:
         return bytes(out)
 
     # ---- the run loop ---------------------------------------------------------------
-    def insn_at(self, eip):
-        """The decoded instruction at eip (for callout handlers)."""
-        insn = self.cache.instruction(eip, self.key)
+    def insn_at(self, eip, expect=None):
+        """The decoded instruction at eip (for callout handlers; expect: see CodeCache.instruction)."""
+        insn = self.cache.instruction(eip, self.key, expect)
         if insn is None:
             raise GuestFault(UD)
         return insn
@@ -425,4 +425,4 @@ class CPU:
         handler = self.callouts.get(name)
         if handler is None:
             raise Stop("unsupported", message=f"callout '{name}' has no handler in this machine", eip=st.eip)
-        handler(self, self.insn_at(st.eip))
+        handler(self, self.insn_at(st.eip, ((st.next_eip - st.eip) & 0xFFFFFFFF, st.callout_id)))

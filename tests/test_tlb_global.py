@@ -157,3 +157,20 @@ def test_callout_instruction_on_a_global_page_is_decoded_again_after_invlpg_or_p
                + _map(A | G) + toggle + CALL + store(3)
                + "    mov eax, cr3\n" + store(4) + "    mov eax, cr0\n" + store(5))
     assert out[:4] == [out[4], out[4], out[5], out[4]] and out[4] != out[5]
+
+
+# nop; mov eax, cr3; inc esi; ret  and  nop; cpuid; ret: callouts of different lengths.
+A_CODE = bytes([0x90, 0x0F, 0x20, 0xD8, 0x46, 0xC3])
+B_CODE = bytes([0x90, 0x0F, 0xA2, 0xC3])
+
+
+def test_callout_decoded_before_a_pte_change_is_not_applied_to_code_from_the_new_page():
+    # (Found in review.)  The PTE of 0x200000 changes from A to B without INVLPG; 0x200001 is then
+    # reached through a lookup, which walks the page tables and translates B's CPUID.  Its handler
+    # must get CPUID (2 bytes), not the MOV CR3 decoded from A (3 bytes: eip would land on A's
+    # "inc esi", still in the jump cache).
+    body = (_bytes_at(A_CODE, 0x205000) + _bytes_at(B_CODE, 0x206000)
+            + _map(A) + "    mov ebx, 0x200000\n    call ebx\n" + _map(B)
+            + "    xor eax, eax\n    xor esi, esi\n    mov ebx, 0x200001\n    call ebx\n" + store(0, "esi"))
+    out = _run(body)
+    assert out[0] == 0, "eip advanced by the length of the stale MOV CR3"

@@ -107,8 +107,7 @@ class Machine:
         if not cpu.st.eflags & (1 << S.IF) or not self.pc.pic.pending():
             return False
         if self._in_shadow():
-            cpu.interrupt_shadow = False
-            return False
+            return False            # the run loop runs the shadowed instruction alone first
         vector = self.pc.pic.acknowledge()
         self.halted = False
         self._exception_safe(lambda: cpu.deliver(vector, None, return_eip=cpu.st.eip))

@@ -311,6 +311,7 @@ class SystemCPU(CPU):
         lins = self.code_phys.setdefault(phys, set())
         if lin_page not in lins:
             lins.add(lin_page)
+            self.cache.forget_instructions_of(lin_page)     # decoded from another physical page
             self.tlb_flush_page(lin_page, remap=False)
             self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
 
