@@ -60,6 +60,26 @@ def save_all():
 atexit.register(save_all)
 os.register_at_fork(before=save_all)
 
+# BTVM_PERFMAP=1: name translated code for Linux perf (`perf record`, then `perf report`): at exit,
+# /tmp/perf-PID.map gets a line per block ever installed, "btvm_<eip>_t<tier>" (t1s: stencils),
+# its size taken as the distance to the next block (capped at 64 KiB).
+_PERF_BLOCKS = {} if os.environ.get("BTVM_PERFMAP", "") not in ("", "0") else None
+
+
+def _write_perf_map():
+    addrs = sorted(_PERF_BLOCKS)
+    try:
+        with open(f"/tmp/perf-{os.getpid()}.map", "w") as f:
+            for i, a in enumerate(addrs):
+                size = min(addrs[i + 1] - a if i + 1 < len(addrs) else 4096, 65536)
+                f.write(f"{a:x} {size:x} {_PERF_BLOCKS[a]}\n")
+    except OSError:
+        pass
+
+
+if _PERF_BLOCKS is not None:
+    atexit.register(_write_perf_map)
+
 
 def shared_disk(jit):
     """The persistent cache for jit's code (None when disabled), one per folder and engine."""
@@ -466,6 +486,8 @@ class CodeCache:
             self.slot_owner[s] = tb
         self.blocks[(tb.eip, tb.key)] = tb
         self.by_fn[tb.fn] = tb
+        if _PERF_BLOCKS is not None:
+            _PERF_BLOCKS[tb.fn] = f"btvm_{tb.eip:08x}_t{tb.tier}{'s' if tb.stenciled else ''}"
         for p in tb.pages:
             if not self.by_page[p]:
                 self.on_code_page(p)

@@ -22,3 +22,22 @@ def test_profile_boot_demo_json_and_html(tmp_path):
     assert r["invalidations"].get("smc", 0) == 0
     page = h.read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and r["hottest"][0]["eip"] in page
+
+
+def test_perf_map_names_every_installed_block(tmp_path):
+    # BTVM_PERFMAP=1: /tmp/perf-PID.map (Linux perf's JIT symbol file) lists the translated blocks.
+    import os
+    env = dict(os.environ, BTVM_PERFMAP="1", BTVM_NO_CACHE="1")
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "boot", "-no-stdin"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    path = f"/tmp/perf-{p.pid}.map"
+    try:
+        lines = open(path).read().splitlines()
+    finally:
+        os.unlink(path)
+    rows = [line.split() for line in lines]
+    assert len(rows) > 50 and all(len(r) == 3 and r[2].startswith("btvm_") for r in rows)
+    addrs = [int(r[0], 16) for r in rows]
+    assert addrs == sorted(addrs) and all(0 < int(r[1], 16) <= 65536 for r in rows)
