@@ -187,3 +187,16 @@ def test_tlb_conflict_misses_are_refilled_in_native_code(monkeypatch):
     assert (r["final"]["regs"]["eax"], r["final"]["regs"]["ebx"]) == (300, 500)
     assert oracle_mismatches(case, r) == []
     assert len(calls) < 5, f"{len(calls)} reads took the Python slow path"
+
+
+def test_cli_sti_in_ring0_are_inline_and_match_unicorn():
+    # At CPL 0 (CPL <= IOPL) CLI and STI are translated inline (bt/semantics/system.py); STI with
+    # IF clear still calls out (the interrupt shadow).  Both orders, and a block that keeps going.
+    code = asm("cli; pushfd; pop eax; sti; pushfd; pop ebx; sti; pushfd; pop ecx; cli; cli; "
+               "pushfd; pop edx; add esi, 1; hlt")
+    for eflags in (0x2, 0x202):
+        case = make_case(code, regs={"eflags": eflags})
+        r = run_case(case)
+        regs = r["final"]["regs"]
+        assert [regs[x] & 0x200 for x in ("eax", "ebx", "ecx", "edx")] == [0, 0x200, 0x200, 0]
+        assert oracle_mismatches(case, r) == []

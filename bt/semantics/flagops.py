@@ -82,24 +82,24 @@ sem("pushf")(pushf)
 
 @sem("popfd", callout="popf", ends_block=True,
      why="may change IF/IOPL depending on CPL and IOPL (silently ignored otherwise), and TF",
-     does="inline at CPL 3 (IF/IOPL masked; leaves the block if TF is set, for single-stepping); "
-          "at CPL 0-2 ends the block so a newly enabled IF or TF is seen")
+     does="inline (IF/IOPL masked by CPL and IOPL); leaves the block if it sets TF (single-stepping), "
+          "changes AC (alignment checking) or IOPL (part of the translation key)")
 def popf(e, insn):
     new, old = _popf(e, insn)
-    if _system_mode(e):
-        e.exit_code(S.EXIT_LOOKUP, e.c(insn.next))
-    else:
-        # A POPF that sets EFLAGS.TF leaves the block, so that the run loop single-steps from the
-        # next instruction on (runtime/cpu.py CPU.run); so does one that changes EFLAGS.AC, so that
-        # the run loop switches KEY_AC (alignment checking, CPU.sync_ac) from the next instruction
-        # on.  Otherwise this is one untaken branch.
-        e._exit_stores(*e._state())     # on the main line: the exit arm reuses the values
-        out, cont = e.new_label("tf"), e.new_label("c")
-        go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(1 << S.AC)))
-        e.cbr(e.icmp("ne", go, e.c(0)), out, cont)
-        e.set_label(out)
-        e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.left(after=True))
-        e.set_label(cont)
+    # A POPF that sets EFLAGS.TF leaves the block, so that the run loop single-steps from the
+    # next instruction on (runtime/cpu.py CPU.run); so does one that changes EFLAGS.AC, so that
+    # the run loop switches KEY_AC (alignment checking, CPU.sync_ac), or IOPL, which the mode key
+    # holds (SystemCPU.update_key), from the next instruction on.  Otherwise this is one untaken
+    # branch: a kernel's local_irq_restore() no longer returns to the runtime (interrupts it
+    # enables are seen at the end of the time slice, as after STI).
+    e._exit_stores(*e._state())     # on the main line: the exit arm reuses the values
+    out, cont = e.new_label("tf"), e.new_label("c")
+    changes = (1 << S.AC) | ((3 << S.IOPL_SHIFT) if _system_mode(e) else 0)
+    go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(changes)))
+    e.cbr(e.icmp("ne", go, e.c(0)), out, cont)
+    e.set_label(out)
+    e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.left(after=True))
+    e.set_label(cont)
 
 
 sem("popf")(popf)

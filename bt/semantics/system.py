@@ -57,8 +57,31 @@ def rdtsc(e, insn):
     e.set_reg32(0, e.trunc(tsc, "i32"))
     e.set_reg32(2, e.trunc(e.lshr(tsc, e.c(32, "i64")), "i32"))
 callout("msr", "rdmsr", "wrmsr", "rdpmc", why=PRIVILEGED, does="reads or writes a virtual MSR (#GP if unknown)")
-callout("intflag", "cli", "sti", why="IOPL-sensitive: changes EFLAGS.IF",
-        does="updates the virtual IF (with the STI interrupt shadow) or raises #GP")
+callout("intflag", why="IOPL-sensitive: changes EFLAGS.IF",
+        does="updates the virtual IF (with the STI interrupt shadow) or raises #GP", table_as=("cli", "sti"))
+
+
+@sem("cli", "sti", ends_block=False, callout="intflag", why="IOPL-sensitive: changes EFLAGS.IF",
+     does="inline where the key says CPL <= IOPL: CLI clears the virtual IF, STI sets it, calling out "
+          "only when IF was clear (the interrupt shadow); a callout (#GP) otherwise")
+def intflag(e, insn):
+    # A kernel runs ~160,000 CLI/STI in a Linux boot: a runtime round trip each cost ~1 s.
+    from .. import state as S
+    from ..sensitive import callout_id
+    if not e.key & S.KEY_PE or S.key_cpl(e.key) > S.key_iopl(e.key):
+        return e.callout(callout_id("intflag"))
+    other, IF = e.eflags_other, 1 << S.IF
+    if insn.mnemonic == "cli":
+        e.set_eflags_other(e.and_(other, e.c(~IF)))
+        return
+    # STI with IF already set changes nothing; with IF clear the runtime sets it and starts the
+    # one-instruction interrupt shadow (runtime/system/callouts.py intflag).
+    e._exit_stores(*e._state())     # on the main line: the exit arm reuses the values
+    out, cont = e.new_label("sti"), e.new_label("c")
+    e.cbr(e.icmp("eq", e.and_(other, e.c(IF)), e.c(0)), out, cont)
+    e.set_label(out)
+    e.callout(callout_id("intflag"))
+    e.set_label(cont)
 callout("io", "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
         why="IOPL/TSS-bitmap sensitive: touches I/O ports", does="reads or writes the virtual device on the port bus")
 callout("segload", "lds", "les", "lfs", "lgs", "lss", why=SENSITIVE + ": loads a segment descriptor",

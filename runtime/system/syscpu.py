@@ -377,6 +377,8 @@ class SystemCPU(CPU):
 
     def _miss(self):
         self.sync_ac()      # a CPL-3 POPF that changed EFLAGS.AC left its block to come here
+        if (self.st.eflags >> S.IOPL_SHIFT) & 3 != S.key_iopl(self.key):
+            self.update_key()       # so did a POPF that changed IOPL (part of the key)
         eip, key = self.st.eip, self.key
         try:
             phys, glob, _ = self.translate(eip, False, self.cpl == 3, True)
