@@ -34,12 +34,12 @@ class V:
 class Lin(V):
     """A linear address that remembers its segment and offset (an i32 V or Lazy), so that the
     access made through it can be checked against the segment (Emitter.seg_check)."""
-    __slots__ = ("seg", "off", "stack_disp")
+    __slots__ = ("seg", "off", "window")
 
     def __init__(self, v, seg, off):
         super().__init__(v.s, v.t)
         self.seg, self.off = seg, off
-        self.stack_disp = None      # [entry ESP + this] (Emitter._stack_window), else None
+        self.window = None          # (register, disp): [entry value + disp] (Emitter._base_windows)
 
 
 class Lazy:
@@ -202,10 +202,10 @@ class Emitter:
         self.packs = {}
         self.touched_regs = set()     # stencil mode: GPRs the semantics named (see _StencilRegs)
         self.cc_ops = []              # flag-setting operations that can leave the flags lazy (note_cc)
-        self.stack_win = None         # see _stack_window
+        self.windows = {}             # GPR index -> its window (see _base_windows)
         if stencil is None:
             self._emit_prologue(block.eip, self.ninsns)
-            self._stack_window()
+            self._base_windows()
         else:
             stencil.prologue(self)
 
@@ -691,54 +691,63 @@ class Emitter:
 
     def mem_addr(self, m):
         lin = self.linear(m.seg, self.ea(m))
-        w = self.stack_win
-        if w is not None and self._on_entry_stack(m) and self.regs[4] is w["esp"]:
-            lin.stack_disp = _signed(m.disp, "i32")
+        r = self._window_base(m)
+        if r is not None and r in self.windows and self.regs[r] is self.windows[r]["entry"]:
+            lin.window = (r, _signed(m.disp, "i32"))
         return lin
 
     @staticmethod
-    def _on_entry_stack(m):
-        return (m.base is not None and m.base.index == 4 and m.base.width == 4 and m.index is None
-                and not m.addr16 and m.seg in (S.SS, S.DS))
+    def _window_base(m):
+        """The GPR of a [reg + disp] operand (flat DS/SS/ES, 32-bit addressing), else None."""
+        if m.base is None or m.base.width != 4 or m.index is not None or m.addr16 or m.seg not in (S.SS, S.DS, S.ES):
+            return None
+        return m.base.index
 
-    def _stack_window(self):
-        """Tier-2 regions: one TLB check at block entry for the [ESP + disp] operands of the block.
-        If the bytes they span (from the entry ESP) lie in one page whose read (write) TLB entry
-        is present, every such access while ESP is unchanged goes straight to host memory; else
-        each takes the usual probe.  Stack-heavy compiled code (busybox's SHA-256: ~25 of them per
-        round) otherwise pays a probe per access.  Flat segments only (no base, no limit checks)."""
+    def _base_windows(self):
+        """Tier-2 regions: for each register that is the base of 3 or more [reg + disp] operands of
+        the block, one TLB check at block entry: if the bytes those operands span (from the
+        register's entry value) lie in one page whose read (write) TLB entry is present, each such
+        access while the register is unchanged goes straight to host memory; else each takes the
+        usual probe.  Compiled code addresses its stack frame and structures this way (busybox's
+        SHA-256: ~25 [esp + disp] per round; gzip: [edi + disp]); a probe each cost ~8 host
+        instructions.  Flat segments only (no base, no limit checks)."""
         if not self.module.region or not self.key & S.KEY_FLAT or self.key & S.KEY_AC:
             return
-        spans = [(_signed(op.mem.disp, "i32"), op.size) for insn in self.block.insns for op in insn.ops
-                 if op.kind == "mem" and self._on_entry_stack(op.mem)]
-        if len(spans) < 3:
-            return
-        lo_d = min(d for d, _ in spans)
-        hi_d = max(d + n for d, n in spans) - 1
-        if hi_d - lo_d >= 4096:
-            return
-        esp_lazy = self.regs[4]
-        esp = self.f(esp_lazy)
-        lo, hi = self.add(esp, self.c(lo_d)), self.add(esp, self.c(hi_d))
-        one_page = self.icmp("ult", self.xor(lo, hi), self.c(4096))
-        page = self.and_(lo, self.c(-4096))
-        slot = self.zext(self.and_(self.lshr(lo, self.c(12)), self.c(S.TLB_SIZE - 1)), "i64")
-        win = {"esp": esp_lazy, "lo": lo_d, "hi": hi_d}
-        for kind in (S.TLB_READ, S.TLB_WRITE):
-            eo = self.add(self.shl(slot, const(4, "i64")), const(offset("tlb") + S.tlb_index(self.priv, kind) * 16, "i64"))
-            ent = self.op(f"getelementptr i8, ptr %st, i64 {eo.s}", PTR)
-            tag = self.op(f"load i32, ptr {ent.s}", "i32")
-            ap = self.op(f"getelementptr i8, ptr {ent.s}, i64 8", PTR)
-            win[kind] = (self.and_(one_page, self.icmp("eq", tag, page)), self.op(f"load i64, ptr {ap.s}", "i64"))
-        self.stack_win = win
+        spans = {}
+        for insn in self.block.insns:
+            for op in insn.ops:
+                r = self._window_base(op.mem) if op.kind == "mem" else None
+                if r is not None:
+                    spans.setdefault(r, []).append((_signed(op.mem.disp, "i32"), op.size))
+        for r, sp in sorted(spans.items()):
+            lo_d, hi_d = min(d for d, _ in sp), max(d + n for d, n in sp) - 1
+            if len(sp) < 3 or hi_d - lo_d >= 4096:
+                continue
+            entry = self.regs[r]
+            base = self.f(entry)
+            lo, hi = self.add(base, self.c(lo_d)), self.add(base, self.c(hi_d))
+            one_page = self.icmp("ult", self.xor(lo, hi), self.c(4096))
+            page = self.and_(lo, self.c(-4096))
+            slot = self.zext(self.and_(self.lshr(lo, self.c(12)), self.c(S.TLB_SIZE - 1)), "i64")
+            win = {"entry": entry, "lo": lo_d, "hi": hi_d}
+            for kind in (S.TLB_READ, S.TLB_WRITE):
+                eo = self.add(self.shl(slot, const(4, "i64")),
+                              const(offset("tlb") + S.tlb_index(self.priv, kind) * 16, "i64"))
+                ent = self.op(f"getelementptr i8, ptr %st, i64 {eo.s}", PTR)
+                tag = self.op(f"load i32, ptr {ent.s}", "i32")
+                ap = self.op(f"getelementptr i8, ptr {ent.s}, i64 8", PTR)
+                win[kind] = (self.and_(one_page, self.icmp("eq", tag, page)), self.op(f"load i64, ptr {ap.s}", "i64"))
+            self.windows[r] = win
 
-    def _stack_fast(self, addr, size, kind):
-        """(ok i1, host addend i64) when addr is an [entry ESP + disp] access inside the window."""
-        w = self.stack_win
-        d = getattr(addr, "stack_disp", None)
-        if w is None or d is None or d < w["lo"] or d + size - 1 > w["hi"]:
+    def _window_fast(self, addr, size, kind):
+        """(ok i1, host addend i64) when addr is a [reg + disp] access inside its register's window."""
+        w = getattr(addr, "window", None)
+        if w is None:
             return None
-        return w[kind]
+        win = self.windows[w[0]]
+        if w[1] < win["lo"] or w[1] + size - 1 > win["hi"]:
+            return None
+        return win[kind]
 
     def _direct_or_probe(self, fast, addr, direct, probe):
         """Run direct(host pointer) when fast's flag holds, else probe(); join after both."""
@@ -918,7 +927,7 @@ done:
             v = self.op(f"extractvalue {{i64, i1}} {r.s}, 0", "i64")
             self._fault_if(self.op(f"extractvalue {{i64, i1}} {r.s}, 1", "i1"))
             return self.trunc(v, t) if t != "i64" else v
-        fast = self._stack_fast(addr, size, S.TLB_READ)
+        fast = self._window_fast(addr, size, S.TLB_READ)
         if fast is None:
             return probe()
         fv, sv, lf, ls = self._direct_or_probe(fast, addr, lambda hp: self.op(f"load {t}, ptr {hp.s}, align 1", t),
@@ -936,7 +945,7 @@ done:
             wide = self.zext(v, "i64") if v.t != "i64" else v
             self._fault_if(self.op(f"call i1 @{self._mem_helper(S.TLB_WRITE, size)}(ptr %st, i32 {addr.s}, "
                                    f"i64 {wide.s})", "i1"))
-        fast = self._stack_fast(addr, size, S.TLB_WRITE)
+        fast = self._window_fast(addr, size, S.TLB_WRITE)
         if fast is None:
             probe()
         else:

@@ -316,7 +316,7 @@ def test_lazy_flags_left_by_a_region_read_by_the_next_block(promote, op, mask):
 @pytest.mark.parametrize("esp", [0x7800, 0x7FF0], ids=["one-page", "crossing"])
 def test_stack_window_of_a_region_matches_unicorn(promote, esp):
     # [esp + disp] operands of a region's block share one TLB check at its entry
-    # (Emitter._stack_window); a window that crosses a page takes the probes instead.
+    # (Emitter._base_windows); a window that crosses a page takes the probes instead.
     promote(8)
     code = asm(f"""
         mov esp, {esp:#x}
@@ -374,3 +374,71 @@ def test_stack_relative_store_into_a_regions_own_code(promote):
     r = run_case(case)
     assert r["final"]["regs"]["ebx"] == 101 * 1 + 99 * 3
     assert oracle_mismatches(case, r) == []
+
+
+def test_base_register_window_ends_where_the_register_changes(promote):
+    # [edi + disp] operands share a window while EDI keeps its entry value; after `add edi, 4`
+    # they take the probe again (their addresses moved), as do those after a partial write (mov di).
+    promote(8)
+    code = asm("""
+        mov edi, 0x7800
+        mov ecx, 40
+        mov dword ptr [edi + 4], 5
+    top:
+        mov eax, [edi + 4]
+        add [edi + 8], eax
+        mov [edi + 0x10], eax
+        add edi, 4
+        mov ebx, [edi + 4]
+        add [edi + 0x10], ebx
+        sub edi, 4
+        mov [edi + 0x14], ecx
+        mov esi, edi
+        mov di, 0x7900
+        add [edi + 4], esi
+        mov edi, esi
+        loop top
+        mov eax, [edi + 0x10]
+        add eax, [edi + 0x14]
+        add eax, [0x7904]
+        hlt
+    """, 0x1000)
+    eax, counters, _ = _run(code)
+    assert counters["tier2_blocks"] >= 1 and eax == _unicorn_eax(code)
+    case = make_case(code, max_instructions=10**6)
+    assert oracle_mismatches(case, run_case(case)) == []
+
+
+def test_base_register_window_does_not_cover_an_access_after_the_register_moved(promote):
+    # One block: the window of EDI's entry value covers page 0x7000; in the last iteration EDI
+    # moves by 0x1000 mid-block, and the next [edi + 4] addresses page 0x8000, which is not
+    # readable: that access must fault (#PF) at its instruction, in the region too.
+    promote(8)
+    code = asm("""
+        mov edi, 0x7800
+        mov ecx, 100
+    top:
+        xor edx, edx
+        cmp ecx, 1
+        sete dl
+        shl edx, 12
+        mov eax, [edi + 4]
+        add [edi + 8], eax
+        mov [edi + 0x10], ecx
+        add edi, edx
+        mov ebx, [edi + 4]
+        sub edi, edx
+        loop top
+        hlt
+    """, 0x1000)
+    sn = Snippet(trace_writes=False)
+    try:
+        sn.mem.write(0x1000, code)
+        sn.mem.map(0x8000, 0x1000, 0)
+        sn.cpu.set_reg("eip", 0x1000)
+        stop = sn.cpu.run(10**6)
+        assert stop.reason == "exception" and stop.info["vector"] == 14, stop.info
+        assert sn.cpu.reg("ecx") == 1 and sn.cpu.reg("edi") == 0x8800
+        assert sn.cpu.cache.counters["tier2_blocks"] >= 1
+    finally:
+        sn.close()
