@@ -16,7 +16,7 @@ from collections import Counter, defaultdict, deque
 from . import state as S
 from .decode import decode_block, DecodeError
 from .jit import ModuleText, shared_jit
-from . import diskcache, emit, stencil, tier2
+from . import diskcache, emit, lazyflags, stencil, tier2
 from .semantics import ends_block, Unsupported, TABLE
 from .translate import translate_block, static_successors
 
@@ -616,6 +616,7 @@ class CodeCache:
         mt = ModuleText(f"tier2_{eip:x}_{uid}", region=names,
                         inline=len(region) <= tier2.INLINE_BLOCKS
                         and sum(len(blk.insns) for _, blk in region) <= tier2.INLINE_INSNS)
+        mt.flags_live = self._flags_live(region, key)
         old, blocks, slots = [], [], []
         try:
             for t, blk in region:
@@ -634,6 +635,24 @@ class CodeCache:
                                         mt.text()))
         if self.optimizer.sync:
             self.poll_tier2()
+
+    def _flags_live(self, region, key):
+        """bt.lazyflags.flags_live of every block the region's members may jump to directly: an
+        exit leaves the flags lazy only where its successors do not need them at once."""
+        blocks = {blk.eip: blk for _, blk in region}
+        out = {}
+        for blk in list(blocks.values()):
+            for t in static_successors(blk):
+                if t in out:
+                    continue
+                succ = blocks.get(t)
+                if succ is None:
+                    try:
+                        succ = self._decode(t, key)
+                    except Exception:
+                        continue
+                out[t] = lazyflags.flags_live(succ.insns)
+        return out
 
     @staticmethod
     def _decoded(tb):

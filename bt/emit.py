@@ -202,6 +202,7 @@ class Emitter:
         self.packs = {}
         self.touched_regs = set()     # stencil mode: GPRs the semantics named (see _StencilRegs)
         self.cc_ops = []              # flag-setting operations that can leave the flags lazy (note_cc)
+        self.exit_targets = None      # guest addresses the exit being flushed jumps to directly
         self.windows = {}             # GPR index -> its window (see _base_windows)
         if stencil is None:
             self._emit_prologue(block.eip, self.ninsns)
@@ -456,6 +457,8 @@ class Emitter:
         with all six from one noted operation and no other flag changed; else None."""
         if not self.module.region or self.stencil is not None or dirty_other or "DF" in dirty_flags:
             return None
+        if self.exit_targets and any(self.module.flags_live.get(t, True) for t in self.exit_targets):
+            return None         # a successor would fold them in at once: pack them here
         now = tuple(flags[f] for f in lazyflags.STATUS)
         for code, a, b, res, lazies in reversed(self.cc_ops[-4:]):
             if all(x is y for x, y in zip(now, lazies)):
@@ -500,7 +503,9 @@ class Emitter:
             else:
                 out.append((offset("eflags"), self._packed_eflags(flags, other, dirty_flags, dirty_other,
                                                                   ef, ef_raw)))
-                out.append((offset("cc_op"), const(0, "i32")))
+                # Once EFLAGS was folded in on this path (ef forced), cc_op is 0 already.
+                if not (type(ef) is Lazy and ef.v is not None and ef.scope in (self.main_scope, self.scope)):
+                    out.append((offset("cc_op"), const(0, "i32")))
         return out
 
     def _store_values(self, *state):
@@ -1032,7 +1037,9 @@ done:
             return self.exit_indirect(self.c(target))
         saved = self._enter_side()
         if not flushed:
+            self.exit_targets = (target,)
             self.flush()
+            self.exit_targets = None
         self._store_eip(self.c(target))
         inner = self.module.region.get(target)
         if inner is not None:
@@ -1094,7 +1101,9 @@ done:
         """End the block with a conditional direct branch (the state is written back once,
         before the branch, for both arms)."""
         cond = self.f(cond)
+        self.exit_targets = (taken, fallthrough)
         self.flush()
+        self.exit_targets = None
         cc = cval(cond)
         if cc is not None:
             self.exit_direct(taken if cc else fallthrough, flushed=True)

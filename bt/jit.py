@@ -46,6 +46,7 @@ class ModuleText:
         self.hot = hot
         self.hots = []
         self.region = region or {}
+        self.flags_live = {}          # tier 2: guest eip -> lazyflags.flags_live of the block there
         self.helpers = {}             # name -> text of internal functions shared by the module's blocks
         self.functions = []
 

@@ -28,6 +28,26 @@ def code(kind, t):
     return 1 + KINDS.index(kind) * len(_TYPES) + _TYPES.index(t)
 
 
+def flags_live(insns):
+    """Whether a block that starts with insns needs EFLAGS' status flags as it is entered: it
+    reads one, or writes only some (the rest are then packed with them), before it writes all
+    six; or it touches none (they live on past it).  Lazy flags left for such a block would be
+    folded in by a call at its start, which costs more than packing them at the exit before."""
+    from .semantics import TABLE
+    for insn in insns:
+        info = TABLE.get(insn.id)
+        if info is None:
+            return True
+        read, written = set(info.flags_read.split()), set(info.flags_written.split())
+        if read & set(STATUS):
+            return True
+        if written >= set(STATUS):
+            return False
+        if written & set(STATUS) or info.ends_block:
+            return True
+    return True
+
+
 def materializer_ir():
     """IR text of `void btvm_materialize(ptr %st)`: EFLAGS = its bits other than the status
     flags | the status flags of operation cc_op; cc_op = 0.  Emitted by the Emitter from the

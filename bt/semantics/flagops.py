@@ -71,13 +71,13 @@ def _system_mode(e):
     return bool(e.key & S.KEY_PE) and S.key_cpl(e.key) < 3
 
 
-@sem("pushfd", callout="pushf", why="reads IF/IOPL: sensitive when the VMM virtualizes them",
+@sem("pushfd", callout="pushf", flags_read="CF PF AF ZF SF OF", why="reads IF/IOPL: sensitive when the VMM virtualizes them",
      does="translated inline from the virtual EFLAGS (no VMM round trip needed)")
 def pushf(e, insn):
     _pushf(e, insn)
 
 
-sem("pushf")(pushf)
+sem("pushf", flags_read="CF PF AF ZF SF OF")(pushf)
 
 
 @sem("popfd", callout="popf", ends_block=True,
