@@ -663,7 +663,9 @@ class SystemCPU(CPU):
             self.null_outer_data_segments(rpl)
         else:
             self.set_reg("esp", esp + 12)
-            self.set_cs(seg, rpl, alone=True)
+            seg.selector = (seg.selector & ~3) | rpl
+            if seg != self.segs[S.CS]:          # a kernel's interrupt returns keep their CS
+                self.set_cs(seg, rpl, alone=True)
             self.set_eflags(new_fl)
         self.set_reg("eip", eip)
 
