@@ -58,7 +58,8 @@ def rdtsc(e, insn):
     e.set_reg32(2, e.trunc(e.lshr(tsc, e.c(32, "i64")), "i32"))
 callout("msr", "rdmsr", "wrmsr", "rdpmc", why=PRIVILEGED, does="reads or writes a virtual MSR (#GP if unknown)")
 callout("intflag", why="IOPL-sensitive: changes EFLAGS.IF",
-        does="updates the virtual IF (with the STI interrupt shadow) or raises #GP", table_as=("cli", "sti"))
+        does="inline where the key says CPL <= IOPL (CLI; STI with IF already set); otherwise updates "
+             "the virtual IF (STI: with the interrupt shadow) or raises #GP", table_as=("cli", "sti"))
 
 
 @sem("cli", "sti", ends_block=False, callout="intflag", why="IOPL-sensitive: changes EFLAGS.IF",
