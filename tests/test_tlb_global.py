@@ -174,3 +174,19 @@ def test_callout_decoded_before_a_pte_change_is_not_applied_to_code_from_the_new
             + "    xor eax, eax\n    xor esi, esi\n    mov ebx, 0x200001\n    call ebx\n" + store(0, "esi"))
     out = _run(body)
     assert out[0] == 0, "eip advanced by the length of the stale MOV CR3"
+
+
+def test_invlpg_anywhere_in_a_4mib_page_drops_the_whole_page():
+    # (Found in review.)  Linear 0x800000 maps a 4 MiB page (PSE) onto physical 0, then onto
+    # 0x400000; INVLPG of its first 4 KiB must also drop the translation of 0xB00180, in the same
+    # large page (SDM 4.10.4.1: INVLPG invalidates the whole page, whatever its size).
+    body = ("    mov eax, cr4\n    or eax, 0x10\n    mov cr4, eax\n"
+            "    mov dword ptr [page_dir + 4], 0x400087\n"
+            "    mov dword ptr [0x300180], 0x11111111\n    mov dword ptr [0x700180], 0x22222222\n"
+            "    mov dword ptr [page_dir + 8], 0x000087\n" + CR3
+            + "    mov eax, dword ptr [0xB00180]\n" + store(0)
+            + "    mov dword ptr [page_dir + 8], 0x400087\n    invlpg [0x800000]\n"
+            + "    mov eax, dword ptr [0xB00180]\n" + store(1))
+    res, r, out = run(PAGING + body, prelude=False)
+    assert r["marker"] == 0x600D, (res.message, r)
+    assert out[:2] == [0x11111111, 0x22222222]

@@ -433,7 +433,12 @@ def cache(cpu, insn):
     m = insn.mnemonic
     if m == "invlpg":
         page = linear_of(cpu, insn.ops[0].mem) & 0xFFFFF000
-        cpu.tlb_flush_page(page)
+        if page >> 22 in cpu.walker.large:
+            # A 4 MiB page's translations cover its whole region (the soft TLB holds them per
+            # 4 KiB page): drop everything, as a CR4.PGE toggle does.
+            cpu.switch_address_space()
+        else:
+            cpu.tlb_flush_page(page)
         cpu.cache.invalidate_page(page, "unmap")
     elif m == "clts":
         cpu.cr0 &= ~CR0_TS

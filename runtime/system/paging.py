@@ -18,6 +18,9 @@ class Walker:
 
     def __init__(self, read32, write32):
         self.read32, self.write32 = read32, write32
+        # 4 MiB regions (lin >> 22) walked through a PSE directory entry since the last full TLB
+        # flush: an INVLPG anywhere in one must drop every translation of the region (SDM 4.10.4.1).
+        self.large = set()
 
     def translate(self, cr0, cr3, cr4, lin, write, user, fetch=False):
         """Physical address and whether the page is global; raises PageFault."""
@@ -28,6 +31,7 @@ class Walker:
         if not pde & P:
             raise PageFault(lin, err_base)
         if pde & PS and cr4 & CR4_PSE:
+            self.large.add(lin >> 22)
             flags = pde
             phys = (pde & 0xFFC00000) | (lin & 0x3FFFFF)
             self._check(cr0, flags, flags, lin, write, user, err_base)

@@ -259,6 +259,7 @@ class SystemCPU(CPU):
         else:
             super().tlb_flush()
             self.tlb_shadow.clear()
+            self.walker.large.clear()
 
     def tlb_flush_page(self, page, remap=True):
         super().tlb_flush_page(page, remap)
