@@ -171,6 +171,9 @@ def const(value, t):
 
 
 _SS, _GP, _AC = 12, 13, 17
+# Branch weights of a soft-MMU hit (the TLB probe, a base-register window): the register allocator
+# then keeps its spills and the slow path's call off the fast path.
+_LIKELY = '!90 = !{!"branch_weights", i32 2000, i32 1}'
 _FLAG_ORDER = tuple(S.FLAG_BIT.items())
 _ALL_FLAGS_MASK = S.STATUS_MASK | (1 << S.DF)
 
@@ -758,7 +761,9 @@ class Emitter:
         """Run direct(host pointer) when fast's flag holds, else probe(); join after both."""
         ok, addend = fast
         lf, ls, lj = self.new_label("sfast"), self.new_label("sslow"), self.new_label("sjoin")
-        self.cbr(ok, lf, ls)
+        self.module.declare(_LIKELY)
+        self.emit(f"br i1 {self.f(ok).s}, label %{lf}, label %{ls}, !prof !90")
+        self.terminated = True
         saved = self._enter_side()
         self.set_label(lf)
         hp = self.op(f"inttoptr i64 {self.add(addend, self.zext(addr, 'i64')).s} to ptr", PTR)
@@ -799,7 +804,7 @@ class Emitter:
   %ent = getelementptr i8, ptr %st, i64 %eo
   %tag = load i32, ptr %ent
   %hit = icmp eq i32 %tag, %page
-  br i1 %hit, label %fast, label %slow
+  br i1 %hit, label %fast, label %slow, !prof !90
 fast:
   %ap = getelementptr i8, ptr %ent, i64 8
   %addend = load i64, ptr %ap
@@ -858,6 +863,7 @@ slow:
 }}
 """
         self.module.helpers[name] = text
+        self.module.declare(_LIKELY)
         return name
 
     def _fault_if(self, bad):
