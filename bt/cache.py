@@ -147,7 +147,7 @@ class CodeCache:
         self.slot_target = {}                 # slot address -> TB
         self.by_fn = {}
         self.on_install = None
-        self.insns = {}                       # (eip, key) -> (decoded instruction, mapping_gen) (callouts)
+        self.insns = {}                       # (eip, key) -> (insn, mapping_gen, global_gen, expect): callouts
         self.mapping_gen = 0                  # bumped when the linear->physical view may have changed
         self.global_gen = 0                   # bumped when that of global pages may have (not CR3 writes)
         self.is_global = None                 # fn(eip): its page is mapped global (system mode sets it)
@@ -425,18 +425,24 @@ class CodeCache:
                     # be rebuilt if they are there when it is reached.
                     _DEFERRED.setdefault(ent.name, {})[blk.eip] = (blk, recipe)
                     continue
-                built = self.stencils.rebuild(recipe, self.hot_threshold)
-                if built is None:
-                    continue
-                tb = self._stencil_tb(blk, *built)
-                _MEMO.setdefault(tb.memo_key, tb)
-                tbs.append(tb)
+                tb = self._rebuilt(blk, recipe)
+                if tb is not None:
+                    tbs.append(tb)
         except (struct.error, IndexError, KeyError):
             self.counters["persistent_errors"] += 1
             return None
         _ENTRIES[ent.name] = (STENCIL_TIER, tbs)
         self.counters["persistent_batches"] += 1
         return self._adopt_entry(STENCIL_TIER, tbs, eip, key)
+
+    def _rebuilt(self, blk, recipe):
+        """The TB of a stored block rebuilt from its recipe (memoized), or None if it is refused."""
+        built = self.stencils.rebuild(recipe, self.hot_threshold)
+        if built is None:
+            return None
+        tb = self._stencil_tb(blk, *built)
+        _MEMO.setdefault(tb.memo_key, tb)
+        return tb
 
     def _rebuild_deferred(self, name, eip, key):
         """The block at eip from a loaded stencil entry that skipped it (its bytes were not in
@@ -447,15 +453,10 @@ class CodeCache:
         blk, recipe = item
         if blk.key != key or self.fetch(blk.eip, len(blk.raw)) != blk.raw:
             return None
-        try:
-            built = self.stencils.rebuild(recipe, self.hot_threshold)
-        except (struct.error, IndexError, KeyError):
-            built = None
-        if built is None:
+        tb = self._rebuilt(blk, recipe)
+        if tb is None:
             return None
         del _DEFERRED[name][eip]
-        tb = self._stencil_tb(blk, *built)
-        _MEMO.setdefault(tb.memo_key, tb)
         _ENTRIES[name][1].append(tb)
         return self._adopt_entry(STENCIL_TIER, [tb], eip, key)
 
@@ -541,8 +542,7 @@ class CodeCache:
             self.forget(tb, cause)
         if not self.by_page.get(page):
             self.by_page.pop(page, None)
-        for k in self.insns_by_page.pop(page, ()):
-            self.insns.pop(k, None)
+        self.forget_instructions_of(page)
         return len(tbs)
 
     def instruction(self, eip, key, expect=None):
@@ -592,6 +592,7 @@ class CodeCache:
             self.global_gen += 1
 
     def forget_instructions_of(self, page):
+        """Drop the decoded callout instructions of a page (its code or its mapping changed)."""
         for k in self.insns_by_page.pop(page, ()):
             self.insns.pop(k, None)
 

@@ -174,6 +174,7 @@ _SS, _GP, _AC = 12, 13, 17
 # Branch weights of a soft-MMU hit (the TLB probe, a base-register window): the register allocator
 # then keeps its spills and the slow path's call off the fast path.
 _LIKELY = '!90 = !{!"branch_weights", i32 2000, i32 1}'
+_LIKELY_PROF = ", !prof !90"
 _FLAG_ORDER = tuple(S.FLAG_BIT.items())
 _ALL_FLAGS_MASK = S.STATUS_MASK | (1 << S.DF)
 
@@ -264,10 +265,26 @@ class Emitter:
         self.emit(f"br label %{label}")
         self.terminated = True
 
-    def cbr(self, cond, l_true, l_false):
+    def cbr(self, cond, l_true, l_false, likely=False):
+        """Branch on cond; likely: weight the true arm (a soft-MMU hit), so that LLVM keeps the
+        other arm's calls and spills off it."""
         cond = self.f(cond)
-        self.emit(f"br i1 {cond.s}, label %{l_true}, label %{l_false}")
+        prof = ""
+        if likely:
+            self.module.declare(_LIKELY)
+            prof = _LIKELY_PROF
+        self.emit(f"br i1 {cond.s}, label %{l_true}, label %{l_false}{prof}")
         self.terminated = True
+
+    def exit_if(self, cond, leave):
+        """Leave the block through leave() (an exit, on a side path) when cond (i1) holds; else go
+        on.  The exit's state is computed on the main line first, so code after reuses it."""
+        self._exit_stores(*self._state())
+        out, cont = self.new_label("out"), self.new_label("c")
+        self.cbr(cond, out, cont)
+        self.set_label(out)
+        leave()
+        self.set_label(cont)
 
     def phi(self, t, incoming):
         arms = ", ".join(f"[ {self.f(v).s}, %{lab} ]" for v, lab in incoming)
@@ -548,14 +565,9 @@ class Emitter:
 
     def end_insn(self):
         if self.smc_check and not self.terminated:
-            self._exit_stores(*self._state())     # on the main line: the exit arm reuses them
-            smc = self.load_field(offset("smc"), "i32")
-            hit = self.icmp("ne", smc, const(0, "i32"))
-            out, cont = self.new_label("smc"), self.new_label("c")
-            self.cbr(hit, out, cont)
-            self.set_label(out)
-            self.exit_code(S.EXIT_SMC, self.c(self.insn.next), refund=self.left(after=True))
-            self.set_label(cont)
+            hit = self.icmp("ne", self.load_field(offset("smc"), "i32"), const(0, "i32"))
+            self.exit_if(hit, lambda: self.exit_code(S.EXIT_SMC, self.c(self.insn.next),
+                                                     refund=self.left(after=True)))
 
     def left(self, after=False):
         """Instructions of the block from this one (after: from the next one) to its end: what
@@ -761,9 +773,7 @@ class Emitter:
         """Run direct(host pointer) when fast's flag holds, else probe(); join after both."""
         ok, addend = fast
         lf, ls, lj = self.new_label("sfast"), self.new_label("sslow"), self.new_label("sjoin")
-        self.module.declare(_LIKELY)
-        self.emit(f"br i1 {self.f(ok).s}, label %{lf}, label %{ls}, !prof !90")
-        self.terminated = True
+        self.cbr(ok, lf, ls, likely=True)
         saved = self._enter_side()
         self.set_label(lf)
         hp = self.op(f"inttoptr i64 {self.add(addend, self.zext(addr, 'i64')).s} to ptr", PTR)
@@ -804,7 +814,7 @@ class Emitter:
   %ent = getelementptr i8, ptr %st, i64 %eo
   %tag = load i32, ptr %ent
   %hit = icmp eq i32 %tag, %page
-  br i1 %hit, label %fast, label %slow, !prof !90
+  br i1 %hit, label %fast, label %slow{_LIKELY_PROF}
 fast:
   %ap = getelementptr i8, ptr %ent, i64 8
   %addend = load i64, ptr %ap

@@ -42,6 +42,25 @@ def _run(code, after=None):
     return result
 
 
+def _region_matches_unicorn(code, blocks=1):
+    """code ends with EAX summing what it computed: it must run in tier 2 (at least `blocks`
+    blocks) and agree with Unicorn there, and again in full (registers, EFLAGS, memory) when a
+    second machine adopts the same regions from the memo."""
+    eax, counters, _ = _run(code)
+    assert counters["tier2_blocks"] >= blocks and eax == _unicorn_eax(code)
+    case = make_case(code, max_instructions=10**6)
+    assert oracle_mismatches(case, run_case(case)) == []
+
+
+def _patched_loop_matches_unicorn(code):
+    """A 200-iteration loop adding an immediate (1) to EBX that it patches to 3 after 100: the
+    new code must run from then on, as on hardware and in Unicorn."""
+    case = make_case(code, max_instructions=10**6)
+    r = run_case(case)
+    assert r["final"]["regs"]["ebx"] == 101 * 1 + 99 * 3
+    assert oracle_mismatches(case, r) == []
+
+
 def _unicorn_eax(code):
     """EAX after running code under the oracle (Unicorn)."""
     return run_unicorn(make_case(code, max_instructions=10**6), strict=False)["expected"]["regs"]["eax"]
@@ -105,10 +124,7 @@ def test_self_modifying_code_inside_a_region(promote):
         hlt
     """, 0x1000)
     assert code[7:9] == bytes.fromhex("b801")        # mov eax, imm32 at 0x1007: imm at 0x1008
-    case = make_case(code, max_instructions=10**6)
-    r = run_case(case)
-    assert r["final"]["regs"]["ebx"] == 101 * 1 + 99 * 3
-    assert oracle_mismatches(case, r) == []
+    _patched_loop_matches_unicorn(code)
 
 
 def test_faults_inside_a_region_are_precise(promote):
@@ -309,11 +325,7 @@ def test_lazy_flags_left_by_a_region_read_by_the_next_block(promote, op, mask):
         mov eax, esi
         hlt
     """, 0x1000)
-    eax, counters, t2 = _run(code)
-    assert counters["tier2_blocks"] >= 2 and eax == _unicorn_eax(code)
-    case = make_case(code, max_instructions=10**6)
-    r = run_case(case)                  # the same regions (memoized), final EFLAGS compared too
-    assert oracle_mismatches(case, r) == []
+    _region_matches_unicorn(code, blocks=2)
 
 
 @pytest.mark.parametrize("esp", [0x7800, 0x7FF0], ids=["one-page", "crossing"])
@@ -340,10 +352,7 @@ def test_stack_window_of_a_region_matches_unicorn(promote, esp):
         mov eax, [esp]
         hlt
     """, 0x1000)
-    eax, counters, _ = _run(code)
-    assert counters["tier2_blocks"] >= 1 and eax == _unicorn_eax(code)
-    case = make_case(code, max_instructions=10**6)
-    assert oracle_mismatches(case, run_case(case)) == []
+    _region_matches_unicorn(code)
 
 
 def test_stack_relative_store_into_a_regions_own_code(promote):
@@ -373,10 +382,7 @@ def test_stack_relative_store_into_a_regions_own_code(promote):
     imm = program(0x7F).index(bytes.fromhex("b801000000")) + 1     # mov eax, 1: its immediate
     code = program(imm)
     assert code[imm - 1:imm + 1] == bytes.fromhex("b801")
-    case = make_case(code, max_instructions=10**6)
-    r = run_case(case)
-    assert r["final"]["regs"]["ebx"] == 101 * 1 + 99 * 3
-    assert oracle_mismatches(case, r) == []
+    _patched_loop_matches_unicorn(code)
 
 
 def test_base_register_window_ends_where_the_register_changes(promote):
@@ -406,10 +412,7 @@ def test_base_register_window_ends_where_the_register_changes(promote):
         add eax, [0x7904]
         hlt
     """, 0x1000)
-    eax, counters, _ = _run(code)
-    assert counters["tier2_blocks"] >= 1 and eax == _unicorn_eax(code)
-    case = make_case(code, max_instructions=10**6)
-    assert oracle_mismatches(case, run_case(case)) == []
+    _region_matches_unicorn(code)
 
 
 def test_base_register_window_does_not_cover_an_access_after_the_register_moved(promote):

@@ -92,14 +92,10 @@ def popf(e, insn):
     # holds (SystemCPU.update_key), from the next instruction on.  Otherwise this is one untaken
     # branch: a kernel's local_irq_restore() no longer returns to the runtime (interrupts it
     # enables are seen at the end of the time slice, as after STI).
-    e._exit_stores(*e._state())     # on the main line: the exit arm reuses the values
-    out, cont = e.new_label("tf"), e.new_label("c")
     changes = (1 << S.AC) | ((3 << S.IOPL_SHIFT) if _system_mode(e) else 0)
     go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(changes)))
-    e.cbr(e.icmp("ne", go, e.c(0)), out, cont)
-    e.set_label(out)
-    e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.left(after=True))
-    e.set_label(cont)
+    e.exit_if(e.icmp("ne", go, e.c(0)),
+              lambda: e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.left(after=True)))
 
 
 sem("popf")(popf)

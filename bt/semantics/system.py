@@ -77,12 +77,7 @@ def intflag(e, insn):
         return
     # STI with IF already set changes nothing; with IF clear the runtime sets it and starts the
     # one-instruction interrupt shadow (runtime/system/callouts.py intflag).
-    e._exit_stores(*e._state())     # on the main line: the exit arm reuses the values
-    out, cont = e.new_label("sti"), e.new_label("c")
-    e.cbr(e.icmp("eq", e.and_(other, e.c(IF)), e.c(0)), out, cont)
-    e.set_label(out)
-    e.callout(callout_id("intflag"))
-    e.set_label(cont)
+    e.exit_if(e.icmp("eq", e.and_(other, e.c(IF)), e.c(0)), lambda: e.callout(callout_id("intflag")))
 callout("io", "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
         why="IOPL/TSS-bitmap sensitive: touches I/O ports", does="reads or writes the virtual device on the port bus")
 callout("segload", "lds", "les", "lfs", "lgs", "lss", why=SENSITIVE + ": loads a segment descriptor",

@@ -89,7 +89,7 @@ def _next(cpu, insn):
 def _shadow(cpu):
     """No interrupt before the next instruction completes (STI with IF clear, MOV/POP SS).  The
     run loop counts this instruction after its handler: the shadow holds while icount is one more
-    than now, i.e. only if the run returns to the machine right after it (SystemCPU.in_shadow)."""
+    than now, i.e. only if the run returns to the machine right after it (Machine._in_shadow)."""
     cpu.interrupt_shadow = True
     cpu.shadow_at = cpu.icount + 1
 
