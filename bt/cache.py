@@ -17,7 +17,7 @@ from . import state as S
 from .decode import decode_block, DecodeError
 from .jit import ModuleText, shared_jit
 from . import diskcache, emit, lazyflags, stencil, tier2
-from .semantics import ends_block, Unsupported, TABLE
+from .semantics import ends_block, starts_block, Unsupported, TABLE
 from .translate import translate_block, static_successors
 
 import ctypes
@@ -214,7 +214,7 @@ class CodeCache:
 
     # ---- translation ------------------------------------------------------------
     def _decode(self, eip, key):
-        return decode_block(self.fetch, eip, key, ends_block)
+        return decode_block(self.fetch, eip, key, ends_block, starts_block=starts_block)
 
     def _translate(self, eip, key):
         t0 = time.perf_counter()

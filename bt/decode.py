@@ -247,13 +247,14 @@ class Block:
         return [first] if first == last else [first, last & 0xFFFFFFFF]
 
 
-def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS):
+def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS, starts_block=None):
     """Decode a basic block at eip.
 
     fetch(addr, n) returns up to n readable code bytes at addr (fewer at the end
     of executable memory).  ends_block(insn) says whether an instruction ends
-    the block (control transfer, callout).  The block also ends at a page
-    boundary, so that code-page tracking stays per page.
+    the block (control transfer, callout); starts_block(insn), whether the block
+    must end before it.  The block also ends at a page boundary, so that
+    code-page tracking stays per page.
     """
     bits = 32 if key & S.KEY_CS32 else 16
     if key & S.KEY_STEP:
@@ -272,6 +273,8 @@ def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS):
         try:
             for insn in insns:
                 got += 1
+                if starts_block is not None and blk.insns and starts_block(insn):
+                    return blk
                 blk.insns.append(insn)
                 pos += insn.size
                 if ends_block(insn) or len(blk.insns) >= max_insns or pos >= page_end:

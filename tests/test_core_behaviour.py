@@ -87,6 +87,30 @@ def test_rep_iterations_count_and_resume_exactly():
     assert regs["ecx"] == 7 and regs["edi"] == 0x2003 and regs["eip"] == CODE + 10
 
 
+def _blocks_after(code, slice_):
+    """The block addresses in the cache after running code to HLT in slices of slice_ instructions."""
+    sn = Snippet(trace_writes=False)
+    try:
+        sn.mem.write(CODE, code)
+        sn.cpu.set_reg("eip", CODE)
+        sn.cpu.set_reg("esp", 0x9000)
+        for _ in range(1000):
+            if sn.cpu.run(slice_).reason == "hlt":
+                break
+        return sorted({eip for eip, _ in sn.cpu.cache.blocks}), sn.cpu.reg("edi")
+    finally:
+        sn.close()
+
+
+def test_rep_string_starts_a_block_so_resuming_meets_a_known_block():
+    # A REP instruction cut short (budget, interrupt, fault) resumes at its own address; that
+    # is a block head whether or not it was cut (so a warm run's disk cache has it).
+    code = asm("mov ecx, 100; mov edi, 0x2000; rep stosb; mov eax, 1; hlt")
+    whole = _blocks_after(code, 100000)
+    assert whole == _blocks_after(code, 7)
+    assert whole[0] == [CODE, CODE + 10] and whole[1] == 0x2000 + 100
+
+
 def test_infinite_loop_is_bounded():
     r = run_case(make_case(asm("l: jmp l"), max_instructions=2_000_000))
     assert r["instructions"] == 2_000_000 and r["exception"] is None

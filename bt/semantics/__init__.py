@@ -26,6 +26,9 @@ class SemInfo:
     callout: str = ""           # non-empty: a sensitive/privileged instruction handled by the VMM
     why: str = ""               # why it is sensitive or privileged
     does: str = ""              # what the callout does
+    # A REP form may leave mid-way (budget spent, a fault) and resume at its own address: it
+    # starts a block, so that resuming finds a block that exists (and is in the disk cache).
+    resumable: bool = False
 
 
 CALLOUT_INFO = {}   # callout name -> why, does, mnemonics (filled by system.py)
@@ -58,6 +61,14 @@ def lookup(insn):
 def ends_block(insn):
     info = TABLE.get(insn.id)
     return info is None or info.ends_block
+
+
+def starts_block(insn):
+    """Whether an instruction must begin a block (see SemInfo.resumable)."""
+    if not insn.rep:
+        return False
+    info = TABLE.get(insn.id)
+    return info is not None and info.resumable
 
 
 def load_all():

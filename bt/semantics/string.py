@@ -135,8 +135,8 @@ def _string(body, tests_zf=False):
 
 
 for _w in "bwd":
-    sem("movs" + _w)(_string(movs))
-    sem("cmps" + _w, flags_written="CF PF AF ZF SF OF")(_string(cmps, True))
-    sem("scas" + _w, flags_written="CF PF AF ZF SF OF")(_string(scas, True))
-    sem("lods" + _w)(_string(lods))
-    sem("stos" + _w)(_string(stos))
+    sem("movs" + _w, resumable=True)(_string(movs))
+    sem("cmps" + _w, resumable=True, flags_written="CF PF AF ZF SF OF")(_string(cmps, True))
+    sem("scas" + _w, resumable=True, flags_written="CF PF AF ZF SF OF")(_string(scas, True))
+    sem("lods" + _w, resumable=True)(_string(lods))
+    sem("stos" + _w, resumable=True)(_string(stos))
