@@ -44,6 +44,22 @@ _DISKS = {}
 STENCIL_BATCH = 128
 STENCIL_SAVE_SECONDS = 2.0
 STENCIL_TIER = 3            # the disk-cache entry kind of stencil recipes
+
+
+def _recipes(ent):
+    """(stored block, recipe) of each block of a stencil entry (save_stencil_blocks' layout)."""
+    pos, data = 0, ent.obj
+    for blk, _, _ in ent.blocks:
+        n, = struct.unpack_from("<I", data, pos)
+        yield blk, data[pos + 4:pos + 4 + n]
+        pos += 4 + n
+
+
+def _moves(key):
+    """Whether blocks of this key are stored movable (bt.stencil.movable): user code under
+    paging, which the guest OS may place at other addresses each run (ASLR: the vDSO, shared
+    libraries, PIE programs)."""
+    return bool(key & S.KEY_PG) and S.key_cpl(key) == 3
 _LIVE = weakref.WeakSet()
 
 
@@ -340,7 +356,8 @@ class CodeCache:
         for key, items in by_key.items():
             stored = [(tb.eip, tb.block.raw, w, tb.ninsns, tb.name, []) for tb, _, w in items]
             obj = b"".join(struct.pack("<I", len(r)) + r for _, r, _ in items)
-            name = self.disk.store(key, stored, obj, tier=STENCIL_TIER)
+            movable = {tb.eip for tb, r, _ in items if stencil.movable(r)} if _moves(key) else ()
+            name = self.disk.store(key, stored, obj, tier=STENCIL_TIER, movable=movable)
             if name is not None:
                 _ENTRIES[name] = (STENCIL_TIER, [tb for tb, _, _ in items])
                 self.counters["persistent_stores"] += 1
@@ -382,7 +399,32 @@ class CodeCache:
             ent = self.disk.open(name, eip, key, self.fetch)
             if ent is not None:
                 return self._load_entry(ent, eip, key)
+        if _moves(key) and self.stencils is not None:
+            for name, there in self.disk.moved_candidates(eip, key, window):
+                delta = (eip - there) & 0xFFFFFFFF
+                ent = self.disk.open(name, there, key, self.fetch, delta) if delta else None
+                if ent is not None:
+                    return self._load_moved(ent, eip, key, delta)
         return None
+
+    def _load_moved(self, ent, eip, key, delta):
+        """The blocks of a stored stencil entry whose bytes are delta bytes further on now, rebuilt
+        there; the TB at eip or None.  Not remembered by entry name (_ENTRIES): that is for the
+        blocks at their stored addresses."""
+        tbs = []
+        try:
+            for blk, recipe in _recipes(ent):
+                if blk.eip in ent.valid and stencil.movable(recipe):
+                    moved = diskcache.StoredBlock((blk.eip + delta) & 0xFFFFFFFF, key, blk.raw, blk.ninsns)
+                    if self.blocks.get((moved.eip, key)) is None:
+                        tb = self._rebuilt(moved, recipe, delta)
+                        if tb is not None:
+                            tbs.append(tb)
+        except (struct.error, IndexError, KeyError):
+            self.counters["persistent_errors"] += 1
+            return None
+        self.counters["persistent_moved"] += len(tbs)
+        return self._adopt_entry(STENCIL_TIER, tbs, eip, key)
 
     def _load_entry(self, ent, eip, key):
         if ent.tier == STENCIL_TIER:
@@ -414,12 +456,9 @@ class CodeCache:
         """Rebuild the blocks of a stored entry of stencil recipes (those whose bytes match)."""
         if self.stencils is None:
             return None
-        tbs, pos, data = [], 0, ent.obj
+        tbs = []
         try:
-            for blk, _, _ in ent.blocks:
-                n, = struct.unpack_from("<I", data, pos)
-                recipe = data[pos + 4:pos + 4 + n]
-                pos += 4 + n
+            for blk, recipe in _recipes(ent):
                 if blk.eip not in ent.valid:
                     # Its bytes are not in memory yet (a page the guest has not loaded): kept, to
                     # be rebuilt if they are there when it is reached.
@@ -435,9 +474,10 @@ class CodeCache:
         self.counters["persistent_batches"] += 1
         return self._adopt_entry(STENCIL_TIER, tbs, eip, key)
 
-    def _rebuilt(self, blk, recipe):
-        """The TB of a stored block rebuilt from its recipe (memoized), or None if it is refused."""
-        built = self.stencils.rebuild(recipe, self.hot_threshold)
+    def _rebuilt(self, blk, recipe, delta=0):
+        """The TB of a stored block rebuilt from its recipe (memoized), or None if it is refused;
+        delta: how far the block moved since it was stored."""
+        built = self.stencils.rebuild(recipe, self.hot_threshold, delta)
         if built is None:
             return None
         tb = self._stencil_tb(blk, *built)

@@ -34,6 +34,9 @@ WINDOW = 32                 # guest bytes at the head that are part of the looku
 _HDR = struct.Struct("<8s32sII")     # magic, sha256(meta + object), len(meta), len(object)
 _REC = struct.Struct("<II8s32sI")     # block eip, key, sha256(window)[:8], entry name (sha256), tier
 INDEX_DIR = "index1"                  # the number is the record format's version
+# Key bit of an index record that says its block's code can be rebuilt at the same page offset
+# of another page (bt.stencil.movable): looked up by (page offset, key, window digest).
+MOVABLE = 1 << 31
 MERGE_AT = 32                         # index logs that trigger a merge
 # Sources that decide batching and storage, not the machine code: editing them keeps the cache.
 _NOT_CODEGEN = {"cache.py", "diskcache.py"}
@@ -178,8 +181,16 @@ class DiskCache:
         self.index()
         return (eip, key, self._wdigest(window)) in self._in_region
 
-    def open(self, name, eip, key, fetch):
-        """The entry called name if it is intact, of this version, and valid for (eip, key)."""
+    def moved_candidates(self, eip, key, window):
+        """[(entry name, eip there)] of movable blocks with these first bytes at eip's page offset
+        elsewhere (see open's delta), the newest first."""
+        self.index()
+        return list(reversed(self._movable.get((eip & 0xFFF, key, self._wdigest(window)), ())))
+
+    def open(self, name, eip, key, fetch, delta=0):
+        """The entry called name if it is intact, of this version, and valid for (eip, key).
+        With delta, its blocks are looked for delta bytes further on in guest memory (valid
+        still names them by their stored eips)."""
         path = self._path_of(name)
         try:
             with open(path, "rb") as f:
@@ -190,7 +201,7 @@ class DiskCache:
         if ent is None or ent.meta.get("version") != self.version or ent.meta.get("key") != key:
             return None
         for blk, _, _ in ent.blocks:
-            if fetch(blk.eip, len(blk.raw)) == blk.raw:
+            if fetch((blk.eip + delta) & 0xFFFFFFFF, len(blk.raw)) == blk.raw:
                 ent.valid.add(blk.eip)
         if eip not in ent.valid or (ent.tier == 2 and len(ent.valid) != len(ent.blocks)):
             return None
@@ -207,6 +218,7 @@ class DiskCache:
             self._index = {}
             self._tiers = {}            # entry name -> tier
             self._in_region = set()     # index keys of blocks that some tier-2 region holds
+            self._movable = {}          # (page offset, key, window digest) -> [(entry name, eip)]
             logs = self._logs()
             for p in logs:
                 try:
@@ -232,6 +244,11 @@ class DiskCache:
     def _add_records(self, data):
         idx = self._index
         for eip, key, wd, name, tier in _REC.iter_unpack(data[:len(data) - len(data) % _REC.size]):
+            if key & MOVABLE:
+                lst = self._movable.setdefault((eip & 0xFFF, key & ~MOVABLE, wd), [])
+                if (name, eip) not in lst:
+                    lst.append((name, eip))
+                continue
             lst = idx.setdefault((eip, key, wd), [])
             if name not in lst:
                 lst.append(name)
@@ -243,13 +260,14 @@ class DiskCache:
         """Rewrite the index as one log without the records of evicted entries."""
         alive = {}
         out = bytearray()
-        for (eip, key, wd), names in self._index.items():
-            for n in names:
-                ok = alive.get(n)
-                if ok is None:
-                    ok = alive[n] = self._path_of(n).exists()
-                if ok:
-                    out += _REC.pack(eip, key, wd, n, self._tiers.get(n, 1))
+        records = [(eip, key, wd, n) for (eip, key, wd), names in self._index.items() for n in names]
+        records += [(eip, key | MOVABLE, wd, n) for (_, key, wd), lst in self._movable.items() for n, eip in lst]
+        for eip, key, wd, n in records:
+            ok = alive.get(n)
+            if ok is None:
+                ok = alive[n] = self._path_of(n).exists()
+            if ok:
+                out += _REC.pack(eip, key, wd, n, self._tiers.get(n, 1))
         try:
             self._atomic_write(self._index_dir() / f"merged-{secrets.token_hex(8)}.log", bytes(out))
         except OSError:
@@ -309,10 +327,11 @@ class DiskCache:
             self.errors += 1
             return None
 
-    def store(self, key, blocks, obj, tier=1):
+    def store(self, key, blocks, obj, tier=1, movable=()):
         """Persist one compiled batch (tier 1) or region (tier 2).  blocks: [(eip, raw bytes, window,
         ninsns, function name, [slot names])] of the object, the head first; window is
-        fetch(eip, WINDOW)."""
+        fetch(eip, WINDOW).  movable: the eips of blocks whose code can be rebuilt elsewhere
+        (indexed by page offset too: moved_candidates)."""
         meta = json.dumps({"version": self.version, "eip": blocks[0][0], "key": key, "tier": tier,
                            "blocks": [[b, raw.hex(), n, name, list(slots)]
                                       for b, raw, _, n, name, slots in blocks]},
@@ -330,7 +349,9 @@ class DiskCache:
         except OSError:
             self.errors += 1
             return None
-        self._append_index([(b, key, self._wdigest(w), name, tier) for b, _, w, _, _, _ in blocks])
+        self._append_index([(b, key, self._wdigest(w), name, tier) for b, _, w, _, _, _ in blocks]
+                           + [(b, key | MOVABLE, self._wdigest(w), name, tier)
+                              for b, _, w, _, _, _ in blocks if b in movable])
         self._account(len(data))
         return name
 

@@ -198,6 +198,21 @@ class InsnShape:
                     insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
                     tuple(sorted(self.cross.items())))
 
+    def eip_holes(self):
+        """The holes whose values are guest addresses relative to the instruction (its own, the
+        next one's, a relative branch's target), or None if such an address is part of the
+        stencil itself (a relative branch at a level that fixes immediates)."""
+        insn = self.insn
+        if 7 not in insn.groups:            # CS_GRP_BRANCH_RELATIVE
+            return _INSN_MOVES
+        out = set(_INSN_MOVES)
+        for i, op in enumerate(insn.ops):
+            if op.kind == "imm":
+                if f"h_imm{i}" not in self.values:
+                    return None
+                out.add(f"h_imm{i}")
+        return out
+
     def aliases(self, st):
         """Whether st, this shape's stencil, names a GPR directly (an implicit operand) that one
         of the register holes it uses holds here: the stencil's register values would then not
@@ -610,33 +625,37 @@ class Builder:
         for k, (st, sh) in enumerate(parts):
             if isinstance(sh, InsnShape):
                 vals = dict(sh.values, h_left=n - k + 1, h_left1=n - k)
+                moves = sh.eip_holes()
             elif isinstance(sh, HeadShape):
-                vals = {"h_beip": block.eip, "h_n": n}
+                vals, moves = {"h_beip": block.eip, "h_n": n}, _HEAD_MOVES
             else:
-                vals = {"h_target": block.end & 0xFFFFFFFF}
+                vals, moves = {"h_target": block.end & 0xFFFFFFFF}, _TAIL_MOVES
             vals["h_key"] = key         # shape keys leave KEY_STEP out (the jump-cache probe has it)
-            plan.append((st, vals))
+            plan.append((st, vals, moves))
         recipe = _assemble(plan)
         out = self._install(recipe, hot)
         self.seconds += time.perf_counter() - t0
         return out + (recipe,)
 
-    def rebuild(self, recipe, hot=0):
-        """Like build() from a recipe (no stencil library needed); None if it is malformed."""
+    def rebuild(self, recipe, hot=0, delta=0):
+        """Like build() from a recipe (no stencil library needed), for the same guest bytes
+        delta bytes further on (a multiple of the page size; see movable()); None if it is
+        malformed or cannot move."""
         t0 = time.perf_counter()
         try:
-            out = self._install(recipe, hot)
+            out = self._install(recipe, hot, delta)
         except (struct.error, ValueError, IndexError, KeyError):
             return None
         self.seconds += time.perf_counter() - t0
         return out
 
-    def _install(self, recipe, hot):
+    def _install(self, recipe, hot, delta=0):
         """Copy a recipe's code into code memory with new cells for its chain slots and counters,
         and patch the references to them: (code address, [slot cells], hot cell, counter cell)."""
-        ncode, nrel, nslots = _RECIPE_HEAD.unpack_from(recipe)
-        code_at = _RECIPE_HEAD.size + nrel * _CELL_REL.size
-        if len(recipe) != code_at + ncode:
+        ncode, nrel, nslots, nmove = _RECIPE_HEAD.unpack_from(recipe)
+        moves_at = _RECIPE_HEAD.size + nrel * _CELL_REL.size
+        code_at = moves_at + (0 if nmove == _FIXED else nmove * _MOVE_REL.size)
+        if len(recipe) != code_at + ncode or delta & 0xFFF or delta and nmove == _FIXED:
             raise ValueError("malformed recipe")
         addr = self.code.alloc(ncode)
         count = emit.COUNT_EXECS
@@ -647,6 +666,13 @@ class Builder:
         slots = [self.cells.alloc(8, 8) for _ in range(nslots)]
         bases = {_HOT: hot_cell, _CNT: cnt_cell, _CODE: addr, _ZERO: 0}
         buf = bytearray(recipe[code_at:])
+        if delta:
+            for k in range(nmove):
+                off, size, addend = _MOVE_REL.unpack_from(recipe, moves_at + k * _MOVE_REL.size)
+                fmt = _PACK[size]
+                v, = struct.unpack_from(fmt, buf, off)
+                v = ((v - addend + delta) & 0xFFFFFFFF) + addend
+                struct.pack_into(fmt, buf, off, v & ((1 << (8 * size)) - 1))
         for k in range(nrel):
             off, size, pcrel, which, addend = _CELL_REL.unpack_from(recipe, _RECIPE_HEAD.size + k * _CELL_REL.size)
             base = slots[which] if which < nslots else bases[which]
@@ -664,20 +690,37 @@ class Builder:
 # A recipe: a block's code with every value hole patched (it does not depend on where the code
 # goes: the only pc-relative references between its own stencils are the continuations), and the
 # references to its cells, which a run allocates anew.  Rebuilding one is a copy and a few patches.
-_RECIPE_HEAD = struct.Struct("<IHB")            # code bytes, references, chain slots
+#
+# A recipe can also move: its guest addresses relative to the block (the instructions' own, the
+# next ones', relative branch targets) are listed, so the same guest bytes at another address
+# -- a library or vDSO that ASLR placed elsewhere this time -- get the same code with those
+# values moved; every other value comes from the instruction bytes, which are the same.
+_RECIPE_HEAD = struct.Struct("<IHBH")           # code bytes, references, chain slots, moving values
 _CELL_REL = struct.Struct("<IBBBq")             # offset, size, pc-relative, base, addend
+_MOVE_REL = struct.Struct("<IBq")               # offset, size, addend of a guest-address value
+_FIXED = 0xFFFF                                 # moving values: cannot move
+_INSN_MOVES = frozenset(("h_eip", "h_next"))
+_HEAD_MOVES = frozenset(("h_beip",))
+_TAIL_MOVES = frozenset(("h_target",))
 # Bases of a reference besides chain slot i (i itself): the hot and counter cells, the block's
 # own code, and nothing (a constant that a pc-relative reference turns position-dependent).
 _HOT, _CNT, _CODE, _ZERO = 252, 253, 254, 255
 
 
+def movable(recipe):
+    """Whether a recipe can be rebuilt at another address (Builder.rebuild's delta)."""
+    return _RECIPE_HEAD.unpack_from(recipe)[3] != _FIXED
+
+
 def _assemble(plan):
-    """The recipe (bytes) of [(Stencil, {value hole: value})] placed one after the other."""
-    size = sum(len(st.code) for st, _ in plan)
+    """The recipe (bytes) of [(Stencil, {value hole: value}, holes holding guest addresses
+    relative to the block or None)] placed one after the other."""
+    size = sum(len(st.code) for st, _, _ in plan)
     buf = bytearray(size)
     rels = []
+    moves = [] if all(m is not None for _, _, m in plan) else None
     pos = nslots = 0
-    for st, vals in plan:
+    for st, vals, eip_holes in plan:
         cells = {"h_hot": _HOT, "h_cnt": _CNT}
         for s in st.slots:
             cells[s] = nslots
@@ -693,15 +736,24 @@ def _assemble(plan):
                 struct.pack_into(_PACK[size_], buf, at, (end + addend - at) & ((1 << (8 * size_)) - 1))
             elif sym == CONT:
                 rels.append((at, size_, False, _CODE, end + addend))
-            elif pcrel:
-                rels.append((at, size_, True, _ZERO, vals[sym] + addend))
             else:
-                v = vals[sym] + addend
-                struct.pack_into(_PACK[size_], buf, at, v & ((1 << (8 * size_)) - 1))
+                if moves is not None and sym in eip_holes:
+                    if pcrel or size_ < 4:
+                        moves = None        # not a plain 32/64-bit value: this recipe stays put
+                    else:
+                        moves.append((at, size_, addend))
+                if pcrel:
+                    rels.append((at, size_, True, _ZERO, vals[sym] + addend))
+                else:
+                    v = vals[sym] + addend
+                    struct.pack_into(_PACK[size_], buf, at, v & ((1 << (8 * size_)) - 1))
         pos = end
     assert nslots < _HOT
-    return (_RECIPE_HEAD.pack(size, len(rels), nslots)
-            + b"".join(_CELL_REL.pack(*r) for r in rels) + bytes(buf))
+    if moves is not None and len(moves) >= _FIXED:
+        moves = None
+    return (_RECIPE_HEAD.pack(size, len(rels), nslots, _FIXED if moves is None else len(moves))
+            + b"".join(_CELL_REL.pack(*r) for r in rels)
+            + b"".join(_MOVE_REL.pack(*m) for m in moves or ()) + bytes(buf))
 
 
 _shared = None

@@ -58,6 +58,7 @@ def collect(caches, top=10):
         "invalidations": invalidations,
         "persistent_hits": total.get("persistent_hits", 0),
         "persistent_stores": total.get("persistent_stores", 0),
+        "persistent_moved": total.get("persistent_moved", 0),
         "memo_hits": total.get("memo_hits", 0),
         "hottest": [{"eip": f"0x{tb.eip:08x}", "key": tb.key, "insns": tb.ninsns, "executions": n,
                      "guest_instructions": n * tb.ninsns, "tier": "+".join(map(str, sorted(tiers))),
@@ -126,8 +127,8 @@ def format_report(r):
         lines.append(f"    tier {tier:24} {t['blocks']:>8} blocks, {t['compile_seconds']:.3f} s compiling"
                      + (f" ({t['regions']} regions, off the guest's thread)" if "regions" in t else "")
                      + (f" ({t['stencils_compiled']} stencils)" if "stencils_compiled" in t else ""))
-    lines.append(f"  persistent hits   {r['persistent_hits']:>10}   (blocks loaded from the disk cache; "
-                 f"{r['persistent_stores']} batches stored)")
+    lines.append(f"  persistent hits   {r['persistent_hits']:>10}   (blocks loaded from the disk cache, "
+                 f"{r['persistent_moved']} of them moved to another address; {r['persistent_stores']} batches stored)")
     lines.append(f"  lookups           {r['lookups']:>10}   (hits {r['hits']}, misses {r['misses']})")
     lines.append(f"  chain links       {r['chain_links']:>10}   (unlinks {r['chain_unlinks']})")
     inv = ", ".join(f"{k} {v}" for k, v in r["invalidations"].items()) or "none"

@@ -359,3 +359,64 @@ def test_block_whose_bytes_arrive_after_its_entry_was_loaded_is_not_compiled_aga
     assert first["stop"] == "hlt" and first["eax"] == 6 and first["compiled"] >= 3
     second = _run(code, tmp_path)
     assert second["eax"] == 6 and second["compiled"] == 0, second
+
+
+# A ring-3 function (a loop with a relative call and LOOP) on a page that the kernel maps at the
+# linear address the test puts at 0x300300: a guest OS placing a library or its vDSO at another
+# address in each run (ASLR).
+MOVED_RUNNER = r"""
+import json, struct, sys
+from runtime.system.machine import Machine
+from tests.kernels import PAGING, RESULTS, assemble, build
+where = int(sys.argv[1], 16)
+ring0 = PAGING + '''
+    mov eax, dword ptr [0x300300]
+    shr eax, 12
+    mov dword ptr [page_tab + eax*4], 0x2a0007
+    mov eax, cr3
+    mov cr3, eax
+'''
+ring3 = '''
+    mov eax, dword ptr [0x300300]
+    call eax
+    mov dword ptr [0x300228], eax
+'''
+func = assemble('''
+    xor eax, eax
+    mov ecx, 20
+l:  call add_it
+    loop l
+    ret
+add_it:
+    lea eax, [eax + ecx*2]
+    ret
+''', where)
+m = Machine(ram_mb=8, serial_out=lambda b: None, icount=True)
+m.load_multiboot(build(ring0, ring3))
+m.cpu.write_phys(0x300300, struct.pack("<I", where))
+m.cpu.write_phys(0x2a0000, func)
+m.run()
+vals = struct.unpack("<7I", m.cpu.read_phys(RESULTS, 28))
+c = m.cpu.cache.counters
+print(json.dumps({"vector": vals[0], "sum": struct.unpack("<I", m.cpu.read_phys(0x300228, 4))[0],
+                  "compiled": c["compiled_blocks"], "moved": c["persistent_moved"]}))
+"""
+
+
+def _run_moved(where, cache_dir):
+    e = dict(os.environ, BTVM_CACHE_DIR=str(cache_dir))
+    e.pop("BTVM_NO_CACHE", None)
+    p = subprocess.run([sys.executable, "-c", MOVED_RUNNER, f"{where:x}"], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_user_code_moved_to_another_address_is_rebuilt_not_compiled(tmp_path):
+    first = _run_moved(0x280000, tmp_path)
+    assert first["vector"] == 0x80 and first["sum"] == 420 and first["compiled"] > 0, first
+    assert first["moved"] == 0
+    # The same bytes 64 KiB further on: the kernel is unchanged, the user blocks move.
+    second = _run_moved(0x290000, tmp_path)
+    assert second["vector"] == 0x80 and second["sum"] == 420, second
+    assert second["compiled"] == 0 and second["moved"] >= 3, second
