@@ -127,6 +127,13 @@ class CPUState(ctypes.Structure):
         ("refill_perm", ctypes.c_uint64),          # u8 per 4 KiB page, bit 0: readable
         ("refill_base", ctypes.c_uint64),          # host address of guest address 0
         ("refill_slow", ctypes.c_uint64),          # the runtime's own load slow path
+        # ---- ... and of system machines: the page walk (runtime/native_refill.py) ----
+        ("pg_dir", ctypes.c_uint32),               # CR3's page-directory base
+        ("pg_mode", ctypes.c_uint32),              # PG_ON | PG_PSE | PG_WP as CR0/CR4 say
+        ("ram_size", ctypes.c_uint64),             # guest-physical RAM (bytes from refill_base)
+        ("pg_large", ctypes.c_uint64),             # u8 per 4 MiB region: walked through a PSE entry
+        ("pg_code", ctypes.c_uint64),              # u8 per physical page: holds translated code
+        ("refill_store_slow", ctypes.c_uint64),    # the runtime's own store slow path
     ]
 
     def __init__(self, *args, **kw):
@@ -134,6 +141,9 @@ class CPUState(ctypes.Structure):
         fpu_reset(self)
         for i in range(12):                        # no descriptors (user mode, snippets): 4 GiB
             self.seg_lo[i], self.seg_hi[i] = 0, 0xFFFFFFFF
+
+
+PG_ON, PG_PSE, PG_WP = 1, 2, 4  # pg_mode bits: CR0.PG, CR4.PSE, CR0.WP
 
 
 def offset(name):

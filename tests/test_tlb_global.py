@@ -7,6 +7,8 @@ PTE without INVLPG: a read that still sees A shows the stale (kept) translation.
 once first so that the translation is in the TLB (the SDM allows any entry to be dropped at any
 time; btvm's TLB keeps it until a flush).  The last tests: a write through another linear alias of
 a page holding translated code still invalidates that code, whenever its TLB entry was made."""
+import pytest
+
 from tests.test_callouts import run, store
 from tests.test_system import PAGING
 
@@ -176,14 +178,15 @@ def test_callout_decoded_before_a_pte_change_is_not_applied_to_code_from_the_new
     assert out[0] == 0, "eip advanced by the length of the stale MOV CR3"
 
 
-def test_invlpg_anywhere_in_a_4mib_page_drops_the_whole_page():
+@pytest.mark.parametrize("accessed", [0, 0x20])    # with A set, the native refill walks it
+def test_invlpg_anywhere_in_a_4mib_page_drops_the_whole_page(accessed):
     # (Found in review.)  Linear 0x800000 maps a 4 MiB page (PSE) onto physical 0, then onto
     # 0x400000; INVLPG of its first 4 KiB must also drop the translation of 0xB00180, in the same
     # large page (SDM 4.10.4.1: INVLPG invalidates the whole page, whatever its size).
     body = ("    mov eax, cr4\n    or eax, 0x10\n    mov cr4, eax\n"
             "    mov dword ptr [page_dir + 4], 0x400087\n"
             "    mov dword ptr [0x300180], 0x11111111\n    mov dword ptr [0x700180], 0x22222222\n"
-            "    mov dword ptr [page_dir + 8], 0x000087\n" + CR3
+            f"    mov dword ptr [page_dir + 8], {0x87 | accessed:#x}\n" + CR3
             + "    mov eax, dword ptr [0xB00180]\n" + store(0)
             + "    mov dword ptr [page_dir + 8], 0x400087\n    invlpg [0x800000]\n"
             + "    mov eax, dword ptr [0xB00180]\n" + store(1))

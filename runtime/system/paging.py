@@ -13,14 +13,30 @@ class PageFault(Exception):
         self.addr, self.error = addr, error
 
 
+class LargeRegions:
+    """The 4 MiB regions (lin >> 22) walked through a PSE directory entry since the last full
+    TLB flush: an INVLPG anywhere in one must drop every translation of the region (SDM
+    4.10.4.1).  One byte per region in a buffer that native code marks too (state.pg_large)."""
+
+    def __init__(self):
+        self.map = bytearray(1024)
+
+    def add(self, region):
+        self.map[region] = 1
+
+    def __contains__(self, region):
+        return bool(self.map[region])
+
+    def clear(self):
+        self.map[:] = bytes(1024)
+
+
 class Walker:
     """Translates linear to physical addresses against the guest's page tables."""
 
     def __init__(self, read32, write32):
         self.read32, self.write32 = read32, write32
-        # 4 MiB regions (lin >> 22) walked through a PSE directory entry since the last full TLB
-        # flush: an INVLPG anywhere in one must drop every translation of the region (SDM 4.10.4.1).
-        self.large = set()
+        self.large = LargeRegions()
 
     def translate(self, cr0, cr3, cr4, lin, write, user, fetch=False):
         """Physical address and whether the page is global; raises PageFault."""

@@ -12,6 +12,7 @@ import struct
 
 from bt import state as S
 from runtime.cpu import CPU, GuestFault, Stop
+from runtime.native_refill import drop_writes, sys_load_refill_address, sys_store_refill_address
 
 from .descriptors import FULL, Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
 from .tlb import TLBShadow
@@ -65,6 +66,20 @@ class SystemCPU(CPU):
         self.tlb_shadow = TLBShadow()
         self.jc_local = set()       # jump-cache entries that may hold code of non-global pages
         super().__init__(mem, S.make_key(cpl=0))
+        # Read misses that need only a page walk are refilled in native code (native_refill).
+        st = self.st
+        self._large_view = (ctypes.c_uint8 * 1024).from_buffer(self.walker.large.map)
+        st.pg_large = ctypes.addressof(self._large_view)
+        st.refill_base, st.ram_size = mem.base, ram_size
+        st.refill_slow = st.load_slow
+        st.load_slow = sys_load_refill_address()
+        self._code_map = bytearray(ram_size >> 12)      # 1 where code_phys has the page
+        self._code_view = (ctypes.c_uint8 * len(self._code_map)).from_buffer(self._code_map)
+        st.pg_code = ctypes.addressof(self._code_view)
+        st.refill_store_slow = st.store_slow
+        st.store_slow = sys_store_refill_address()
+        self._drop_writes = drop_writes()
+        self._sync_paging()
         self.cache.on_install = self._on_install
         self.cache.is_global = self._maps_global
         self.on_single_step = SystemCPU.single_step_trap
@@ -177,6 +192,7 @@ class SystemCPU(CPU):
                     lins.discard(lin)
             if not lins or not spare:
                 del self.code_phys[page]
+                self._mark_code(page, 0)
                 self.smc_spare.pop(page, None)
             elif not hit:
                 self.smc_spare[page] = spare - 1
@@ -309,12 +325,24 @@ class SystemCPU(CPU):
 
     def _track_code(self, phys, lin_page):
         """Blocks on lin_page have bytes from the physical page phys: writes to phys must trap."""
-        lins = self.code_phys.setdefault(phys, set())
+        lins = self.code_phys.get(phys)
+        if lins is None:
+            lins = self.code_phys[phys] = set()
+            self._mark_code(phys, 1)
         if lin_page not in lins:
             lins.add(lin_page)
             self.cache.forget_instructions_of(lin_page)     # decoded from another physical page
             self.tlb_flush_page(lin_page, remap=False)
+            # Every write entry that maps phys must go, whoever filled it (the native refill too).
+            host = self.mem.base + phys
+            for priv in range(S.TLB_PRIVS):
+                self._drop_writes(self.st_addr, S.tlb_index(priv, S.TLB_WRITE), host)
             self.tlb_shadow.drop_writes_to(self.st.tlb, phys)
+
+    def _mark_code(self, phys, v):
+        """Tell the native store refill whether a physical page holds translated code."""
+        if phys < self.ram_size:
+            self._code_map[phys >> 12] = v
 
     # ---- control registers and mode ---------------------------------------------------------------
     def flush_translations(self):
@@ -322,7 +350,14 @@ class SystemCPU(CPU):
         self.tlb_flush()
         self.cache.flush("mode")
         self.code_phys.clear()
+        self._code_map[:] = bytes(len(self._code_map))
         self.smc_spare.clear()
+
+    def _sync_paging(self):
+        """Tell the native read refill what CR0, CR3 and CR4 now say."""
+        self.st.pg_dir = self.cr3 & 0xFFFFF000
+        self.st.pg_mode = ((S.PG_ON if self.cr0 & CR0_PG else 0) | (S.PG_PSE if self.cr4 & CR4_PSE else 0)
+                           | (S.PG_WP if self.cr0 & CR0_WP else 0))
 
     def set_cr0(self, v):
         v |= CR0_ET
@@ -330,12 +365,14 @@ class SystemCPU(CPU):
             raise Stop("unsupported", message="real mode (CR0.PE=0) is not implemented", eip=self.st.eip)
         changed = (self.cr0 ^ v) & (CR0_PG | CR0_WP | CR0_PE)
         self.cr0 = v & 0xE005003F
+        self._sync_paging()
         if changed:
             self.switch_address_space()
         self.update_key()
 
     def set_cr3(self, v):
         self.cr3 = v & 0xFFFFF018
+        self._sync_paging()
         self.switch_address_space(keep_global=bool(self.cr4 & CR4_PGE))
 
     def _on_install(self, tb):
@@ -399,6 +436,7 @@ class SystemCPU(CPU):
             raise GuestFault(GP, 0)
         changed = (self.cr4 ^ v) & (CR4_PSE | CR4_PGE)
         self.cr4 = v
+        self._sync_paging()
         if changed:
             # Toggling PGE flushes global entries too (Linux's way to flush them, SDM 4.10.4.1).
             self.switch_address_space()

@@ -4,9 +4,11 @@
   every entry except global ones, so a kernel mapped global keeps its translations across
   address-space switches (and a changed global PTE stays invisible until INVLPG, as on hardware).
   The global entries are remembered here and put back when the TLB is flushed.
-- Write entries by physical page: when a page gets translated code, every write entry mapping
-  it - through whatever linear alias, global or not - must go, so that writes to the code reach
-  the slow path that invalidates it (self-modifying code through an alias).
+- Global write entries by physical page: when a page gets translated code, every write entry
+  mapping it - through whatever linear alias - must go, so that writes to the code reach the slow
+  path that invalidates it (self-modifying code through an alias).  The entries in the TLB are
+  found by a scan (SystemCPU._track_code: the native refill fills entries too); the global ones
+  remembered here must not come back at the next CR3 write.
 """
 import ctypes
 
@@ -16,8 +18,7 @@ from bt import state as S
 class TLBShadow:
     def __init__(self):
         self.globals = {}      # entry index -> (tag, addend, kind, physical page)
-        self.writes = {}       # physical page -> {entry index: tag} of non-global write entries
-        self.gwrites = {}      # the same for the global write entries (exact: kept with globals)
+        self.gwrites = {}      # physical page -> {entry index: tag} of the global write entries
         self.image = None      # the TLB as a CR3 write leaves it (only the globals), or None: stale
 
     def filled(self, i, tag, addend, phys_page, is_global, kind):
@@ -28,8 +29,6 @@ class TLBShadow:
             self.image = None
             if kind == S.TLB_WRITE:
                 self.gwrites.setdefault(phys_page, {})[i] = tag
-        elif kind == S.TLB_WRITE:
-            self.writes.setdefault(phys_page, {})[i] = tag
 
     def _drop_global(self, i):
         old = self.globals.pop(i, None)
@@ -53,12 +52,8 @@ class TLBShadow:
                     self._drop_global(S.tlb_index(priv, kind) + i)
 
     def drop_writes_to(self, tlb, phys_page):
-        """Translated code now lives in phys_page: no write may bypass the slow path.
-        (A record of a non-global entry may be stale - the entry refilled for another page with
-        the same tag: then the entry only costs one more slow path.)"""
-        for i, tag in self.writes.pop(phys_page, {}).items():
-            if tlb[i].tag == tag:
-                tlb[i].tag = S.TLB_INVALID
+        """Translated code now lives in phys_page: no global write entry to it may come back
+        (those in the TLB now are the caller's to drop)."""
         for i, tag in list(self.gwrites.get(phys_page, {}).items()):
             if tlb[i].tag == tag:
                 tlb[i].tag = S.TLB_INVALID
@@ -66,7 +61,6 @@ class TLBShadow:
 
     def clear(self):
         self.globals.clear()
-        self.writes.clear()
         self.gwrites.clear()
         self.image = None
 
@@ -74,7 +68,6 @@ class TLBShadow:
         """A CR3 write with CR4.PGE: the whole TLB becomes the global entries alone (one copy of
         an image rebuilt only when the globals changed: a kernel switches address spaces far more
         often than it maps new global pages)."""
-        self.writes = {}
         if self.image is None:
             img = self.image = type(tlb)()
             ctypes.memset(ctypes.addressof(img), 0xFF, ctypes.sizeof(img))

@@ -1,0 +1,75 @@
+"""The native soft-MMU refill of system machines (runtime/native_refill.py) against the runtime's
+own slow path (SystemCPU._load_slow/_store_slow and runtime/system/paging.py): the same access
+through the same page tables, once with each; the outcome - the value read or written, the fault
+and its error code, the accessed/dirty bits written back - must agree.  The runtime's walker is
+itself checked against QEMU (tests/test_qemu_recorded.py) and the SDM (tests/test_system.py)."""
+import itertools
+import struct
+
+import pytest
+
+from runtime.system.machine import Machine
+from tests.kernels import PAGING, RESULTS, build
+
+DATA, PAGE_TAB, PAGE_DIR = 0x202010, 0x302000, 0x301000
+BIG = 0x800010                 # through a 4 MiB page onto physical 0x400010
+
+# Entry flags: P RW US A D in the combinations that matter (PS is added for the 4 MiB case).
+FLAGS = {"rw-user-AD": 0x67, "ro-user-AD": 0x65, "rw-sup-AD": 0x63, "rw-user": 0x07,
+         "rw-user-A": 0x27, "ro-sup-AD": 0x61}
+
+
+def _kernel(flags, large, wp, user, write):
+    at = BIG if large else DATA
+    ring0 = "    mov dword ptr [0x400010], 0x11223344\n    mov dword ptr [0x202010], 0x11223344\n" + PAGING + (
+        (f"    mov eax, cr4\n    or eax, 0x10\n    mov cr4, eax\n"
+           f"    mov dword ptr [{PAGE_DIR + 8:#x}], {0x400080 | flags:#x}\n" if large else
+           f"    mov dword ptr [{PAGE_TAB + 0x202 * 4:#x}], {0x202000 | flags:#x}\n")
+        + "    mov eax, cr3\n    mov cr3, eax\n"
+        + ("" if wp else "    mov eax, cr0\n    and eax, 0xfffeffff\n    mov cr0, eax\n"))
+    access = (f"    mov dword ptr [{at:#x}], 0x5a5a5a5a\n" if write else
+              f"    mov eax, dword ptr [{at:#x}]\n    mov dword ptr [0x300100], eax\n")
+    return build(ring0 + ("" if user else access), access if user else None)
+
+
+def _outcome(kernel, native):
+    m = Machine(ram_mb=8, serial_out=lambda b: None, icount=True)
+    try:
+        if not native:
+            st = m.cpu.st
+            st.load_slow, st.store_slow = st.refill_slow, st.refill_store_slow
+        m.load_multiboot(kernel)
+        m.run()
+        r = dict(zip(("vector", "error", "cr2"), struct.unpack("<3I", m.cpu.read_phys(RESULTS, 12))))
+        r["marker"] = struct.unpack("<I", m.cpu.read_phys(RESULTS + 20, 4))[0]
+        r["read"], = struct.unpack("<I", m.cpu.read_phys(0x300100, 4))
+        r["memory"] = struct.unpack("<2I", m.cpu.read_phys(0x202010, 4) + m.cpu.read_phys(0x400010, 4))
+        r["entries"] = struct.unpack("<2I", m.cpu.read_phys(PAGE_TAB + 0x202 * 4, 4)
+                                     + m.cpu.read_phys(PAGE_DIR + 8, 4))
+        return r
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("flags,large,wp,user,write", [
+    (f, large, wp, user, write)
+    for f, large, wp, user, write in itertools.product(FLAGS, (False, True), (True, False), (False, True),
+                                                       (False, True))
+    if wp or (write and not user)])        # WP only matters to supervisor writes
+def test_native_refill_agrees_with_the_runtime(flags, large, wp, user, write):
+    kernel = _kernel(FLAGS[flags], large, wp, user, write)
+    native = _outcome(kernel, True)
+    # Either the access completed (and the kernel after it) or it was the page fault.
+    assert native["marker"] == 0x600D or (native["vector"] == 14 and native["cr2"] == (BIG if large else DATA))
+    assert native == _outcome(kernel, False)
+
+
+def test_a_supervisor_read_of_an_accessed_page_is_refilled_natively(monkeypatch):
+    # The walk above happens in native code at all: the runtime's slow path never sees the read.
+    from runtime.system.syscpu import SystemCPU
+    seen = []
+    real = SystemCPU._load_slow
+    monkeypatch.setattr(SystemCPU, "_load_slow", lambda self, st, addr, size: seen.append(addr) or real(self, st, addr, size))
+    out = _outcome(_kernel(FLAGS["rw-user-AD"], False, True, False, False), True)
+    assert out["read"] == 0x11223344 and out["marker"] == 0x600D
+    assert DATA not in seen
