@@ -424,7 +424,7 @@ class CodeCache:
             self.counters["persistent_errors"] += 1
             return None
         self.counters["persistent_moved"] += len(tbs)
-        return self._adopt_entry(STENCIL_TIER, tbs, eip, key)
+        return self._adopt_entry(STENCIL_TIER, tbs, eip, key, checked=True)
 
     def _load_entry(self, ent, eip, key):
         if ent.tier == STENCIL_TIER:
@@ -472,7 +472,7 @@ class CodeCache:
             return None
         _ENTRIES[ent.name] = (STENCIL_TIER, tbs)
         self.counters["persistent_batches"] += 1
-        return self._adopt_entry(STENCIL_TIER, tbs, eip, key)
+        return self._adopt_entry(STENCIL_TIER, tbs, eip, key, checked=True)
 
     def _rebuilt(self, blk, recipe, delta=0):
         """The TB of a stored block rebuilt from its recipe (memoized), or None if it is refused;
@@ -500,9 +500,12 @@ class CodeCache:
         _ENTRIES[name][1].append(tb)
         return self._adopt_entry(STENCIL_TIER, [tb], eip, key)
 
-    def _adopt_entry(self, tier, tbs, eip, key, counter="persistent_hits"):
-        """Install the blocks of a loaded entry that match guest memory; the TB at eip or None."""
+    def _adopt_entry(self, tier, tbs, eip, key, counter="persistent_hits", checked=False):
+        """Install the blocks of a loaded entry that match guest memory; the TB at eip or None.
+        checked: tbs were just built from blocks whose bytes matched."""
         def valid(tb):
+            if checked:
+                return True
             e, _, raw = tb.memo_key
             return self.fetch(e, len(raw)) == raw
         if tier == 2:
@@ -511,8 +514,10 @@ class CodeCache:
             self.counters[counter] += len(tbs)
             return self.blocks.get((eip, key))
         # A block that a stored region holds is left to be loaded with its region when reached.
+        disk = self.disk
         use = [tb for tb in tbs if tb.owner is not self and valid(tb) and (
-            tb.eip == eip or not self.disk.in_region(tb.eip, key, self.fetch(tb.eip, diskcache.WINDOW)))]
+            tb.eip == eip or not disk.maybe_in_region(tb.eip, key)
+            or not disk.in_region(tb.eip, key, self.fetch(tb.eip, diskcache.WINDOW)))]
         if all(tb.eip != eip for tb in use):
             return None
         self.counters[counter] += len(use)

@@ -181,6 +181,12 @@ class DiskCache:
         self.index()
         return (eip, key, self._wdigest(window)) in self._in_region
 
+    def maybe_in_region(self, eip, key):
+        """False if no stored tier-2 region holds a block at (eip, key), whatever its bytes
+        (in_region without fetching and hashing the window)."""
+        self.index()
+        return (eip, key) in self._in_region_at
+
     def moved_candidates(self, eip, key, window):
         """[(entry name, eip there)] of movable blocks with these first bytes at eip's page offset
         elsewhere (see open's delta), the newest first."""
@@ -218,6 +224,7 @@ class DiskCache:
             self._index = {}
             self._tiers = {}            # entry name -> tier
             self._in_region = set()     # index keys of blocks that some tier-2 region holds
+            self._in_region_at = set()  # their (eip, key)
             self._movable = {}          # (page offset, key, window digest) -> [(entry name, eip)]
             logs = self._logs()
             for p in logs:
@@ -255,6 +262,7 @@ class DiskCache:
             self._tiers[name] = tier
             if tier == 2:
                 self._in_region.add((eip, key, wd))
+                self._in_region_at.add((eip, key))
 
     def _merge(self, logs):
         """Rewrite the index as one log without the records of evicted entries."""
