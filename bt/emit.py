@@ -546,7 +546,7 @@ class Emitter:
     # ---- instruction bracketing -------------------------------------------
     def begin_insn(self, k, insn):
         self.k, self.insn = k, insn
-        self.smc_check = False
+        self.smc = None
         self.take_snapshot()
 
     def take_snapshot(self):
@@ -564,10 +564,18 @@ class Emitter:
             self.fault_ready = True
 
     def end_insn(self):
-        if self.smc_check and not self.terminated:
-            hit = self.icmp("ne", self.load_field(offset("smc"), "i32"), const(0, "i32"))
+        hit = self.stores_hit_code()
+        if cval(hit) != 0 and not self.terminated:
             self.exit_if(hit, lambda: self.exit_code(S.EXIT_SMC, self.c(self.insn.next),
                                                      refund=self.left(after=True)))
+
+    def stores_hit_code(self):
+        """An i1: whether a store of this instruction so far invalidated translated code (then
+        the block must leave after it: it may be running that code).  Only the runtime's slow
+        path can (pages with code have no write TLB entries): the fast paths' false folds away.
+        Resets the record."""
+        hit, self.smc = self.smc, None
+        return self.c(0, "i1") if hit is None else hit
 
     def left(self, after=False):
         """Instructions of the block from this one (after: from the next one) to its end: what
@@ -841,17 +849,24 @@ slow:
 }}
 """
         elif kind == S.TLB_WRITE:
+            # Returns bit 0: st.fault was set, bit 1: st.smc (the store invalidated code).
             v = "%v" if t == "i64" else "%vt"
             trunc = "" if t == "i64" else f"  %vt = trunc i64 %v to {t}\n"
-            text = f"""define internal i1 @{name}(ptr %st, i32 %addr, i64 %v) {attrs} {{
+            text = f"""define internal i32 @{name}(ptr %st, i32 %addr, i64 %v) {attrs} {{
 entry:
 {trunc}{probe}  store {t} {v}, ptr %hp, align 1
-  ret i1 false
+  ret i32 0
 slow:
   %fpp = getelementptr i8, ptr %st, i64 {offset("store_slow")}
   %fp = load ptr, ptr %fpp
   call void %fp(ptr %st, i32 %addr, i64 %v, i32 {size})
-{fault}  ret i1 %bad
+{fault}  %sa = getelementptr i8, ptr %st, i64 {offset("smc")}
+  %sm = load i32, ptr %sa
+  %smb = icmp ne i32 %sm, 0
+  %r0 = zext i1 %bad to i32
+  %r1 = select i1 %smb, i32 2, i32 0
+  %r = or i32 %r0, %r1
+  ret i32 %r
 }}
 """
         else:
@@ -964,15 +979,20 @@ done:
         self.align_check(addr, size, True, align)
         def probe():
             wide = self.zext(v, "i64") if v.t != "i64" else v
-            self._fault_if(self.op(f"call i1 @{self._mem_helper(S.TLB_WRITE, size)}(ptr %st, i32 {addr.s}, "
-                                   f"i64 {wide.s})", "i1"))
+            r = self.op(f"call i32 @{self._mem_helper(S.TLB_WRITE, size)}(ptr %st, i32 {addr.s}, i64 {wide.s})",
+                        "i32")
+            self._fault_if(self.icmp("ne", self.and_(r, self.c(1)), self.c(0)))
+            return self.icmp("ne", self.and_(r, self.c(2)), self.c(0))
+        def direct(hp):
+            self.emit(f"store {v.t} {v.s}, ptr {hp.s}, align 1")
+            return self.c(0, "i1")
         fast = self._window_fast(addr, size, S.TLB_WRITE)
         if fast is None:
-            probe()
+            hit = probe()
         else:
-            self._direct_or_probe(fast, addr, lambda hp: self.emit(f"store {v.t} {v.s}, ptr {hp.s}, align 1"),
-                                  probe)
-        self.smc_check = True
+            fv, sv, lf, ls = self._direct_or_probe(fast, addr, direct, probe)
+            hit = self.op(f"phi i1 [ {fv.s}, %{lf} ], [ {sv.s}, %{ls} ]", "i1")
+        self.smc = hit if self.smc is None else self.or_(self.smc, hit)
 
     def probe_write(self, addr, size, align=1):
         """Fault now (precisely) if a later store of size bytes at addr would fault.

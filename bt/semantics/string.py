@@ -105,8 +105,8 @@ def _rep_loop(e, insn, body, size, tests_zf):
     if tests_zf:
         zf = e.flag("ZF")
         cont = e.and_(cont, zf if insn.rep == 0xF3 else e.xor(zf, e.c(1, "i1")))
+    smc = e.stores_hit_code()
     e.flush()
-    smc = e.icmp("ne", e.load_field(S.offset("smc"), "i32"), e.c(0))
     smc_l, go = e.new_label("repsmc"), e.new_label("repgo")
     e.cbr(smc, smc_l, go)
     e.set_label(smc_l)
@@ -118,7 +118,7 @@ def _rep_loop(e, insn, body, size, tests_zf):
     e.set_label(done)
     e.reload()
     e.take_snapshot()
-    e.smc_check = False
+    e.smc = None
 
 
 def _string(body, tests_zf=False):
