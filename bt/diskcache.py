@@ -59,6 +59,23 @@ def source_hash():
     return _source_hash
 
 
+def atomic_write(path, data):
+    """Write data to path (a Path) through a temporary file and a rename: readers in other
+    processes see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 # Set by configure() (the command line): None = the environment decides, False = disabled, else a folder.
 _configured = None
 
@@ -277,7 +294,7 @@ class DiskCache:
             if ok:
                 out += _REC.pack(eip, key, wd, n, self._tiers.get(n, 1))
         try:
-            self._atomic_write(self._index_dir() / f"merged-{secrets.token_hex(8)}.log", bytes(out))
+            atomic_write(self._index_dir() / f"merged-{secrets.token_hex(8)}.log", bytes(out))
         except OSError:
             self.errors += 1
             return
@@ -307,19 +324,6 @@ class DiskCache:
         except OSError:
             self.errors += 1
 
-    def _atomic_write(self, path, data):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
 
     def _parse(self, data, path, name):
         try:
@@ -353,7 +357,7 @@ class DiskCache:
             # other, or the index records of the first point at an entry without their blocks.
             name = hashlib.sha256(name + b"tier%d" % tier + hashlib.sha256(body).digest()).digest()
         try:
-            self._atomic_write(self._path_of(name), data)
+            atomic_write(self._path_of(name), data)
         except OSError:
             self.errors += 1
             return None
@@ -400,7 +404,7 @@ class DiskCache:
 
     def _save_size(self, total):
         try:
-            self._atomic_write(self.root / self.SIZE_FILE, str(max(0, total)).encode())
+            atomic_write(self.root / self.SIZE_FILE, str(max(0, total)).encode())
         except OSError:
             self.errors += 1
 

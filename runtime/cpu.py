@@ -76,7 +76,7 @@ miss:
         # The runtime sees plain EFLAGS: lazy flags a region left are folded in on the way out.
         mt = lazyflags.materializer_ir()
         mt.functions.append(ir)
-        fns, _ = shared_jit().compile(mt, ["btvm_enter", "btvm_materialize"])
+        fns, _ = shared_jit().compile_cached(mt, ["btvm_enter", "btvm_materialize"])
         _enter_fn = ENTER(fns["btvm_enter"])
         _enter_fn.materialize = fns["btvm_materialize"]
     return _enter_fn

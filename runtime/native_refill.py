@@ -281,7 +281,7 @@ def _compiled(name, ir):
     if name not in _fns:
         mt = ModuleText(name)
         mt.functions.append(ir())
-        fns, _ = shared_jit().compile(mt, [name])
+        fns, _ = shared_jit().compile_cached(mt, [name])
         _fns[name] = fns[name]
     return _fns[name]
 

@@ -420,3 +420,33 @@ def test_user_code_moved_to_another_address_is_rebuilt_not_compiled(tmp_path):
     second = _run_moved(0x290000, tmp_path)
     assert second["vector"] == 0x80 and second["sum"] == 420, second
     assert second["compiled"] == 0 and second["moved"] >= 3, second
+
+
+def test_runtime_functions_are_compiled_once_per_folder(tmp_path, monkeypatch):
+    # The entry trampoline and the TLB refills (JIT.compile_cached) are loaded from the folder
+    # by later processes; a damaged file is compiled again and replaced.
+    import ctypes
+    from bt import diskcache
+    from bt.jit import JIT, ModuleText
+    monkeypatch.setattr(diskcache, "_configured", None)
+    monkeypatch.setenv("BTVM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BTVM_NO_CACHE", raising=False)
+
+    def build(jit):
+        mt = ModuleText("rt")
+        mt.functions.append("define i32 @rt_seven() {\n  ret i32 7\n}")
+        fns, _ = jit.compile_cached(mt, ["rt_seven"])
+        return ctypes.CFUNCTYPE(ctypes.c_int32)(fns["rt_seven"])()
+
+    assert build(JIT(opt=0)) == 7
+    files = list((tmp_path / "runtime").glob("*.o"))
+    assert len(files) == 1
+    compiled = []
+    real = JIT.compile
+    monkeypatch.setattr(JIT, "compile", lambda self, *a, **k: compiled.append(1) or real(self, *a, **k))
+    assert build(JIT(opt=0)) == 7 and not compiled
+    data = bytearray(files[0].read_bytes())
+    data[-1] ^= 0xFF
+    files[0].write_bytes(bytes(data))
+    assert build(JIT(opt=0)) == 7 and compiled == [1]
+    assert build(JIT(opt=0)) == 7 and compiled == [1]

@@ -405,3 +405,9 @@ def test_fault_on_store_leaves_fpu_state_unchanged():
 
 def test_cpuid_reports_fpu():
     assert cpuid(1)[3] & 1
+
+
+def test_the_x87_mnemonic_list_is_what_capstone_decodes():
+    # bt/semantics/x87.py lists the mnemonics instead of decoding every encoding at start-up.
+    from bt.semantics.x87 import all_encodings, encodings
+    assert encodings() == all_encodings()
