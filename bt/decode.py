@@ -189,8 +189,33 @@ def disasm(code, addr, count, bits=32):
         capstone._cs.cs_free(arr, n)
 
 
+# Instructions decoded before, by (mode bits, bytes): a block's instructions are mostly forms
+# met before elsewhere (push ebp, mov eax, [ebp+8]...), and building an Insn from Capstone's
+# detail is most of decoding's cost.  Only instructions whose fields do not depend on their
+# address are kept (not relative branches, whose immediate is the absolute target).
+_SEEN = {}
+_SEEN_MAX = 1 << 17
+_HEAD = _struct([(_I.address.offset, "Q"), (_I.size.offset, "H"), (_I.bytes.offset, "16s")])
+
+
 def _normalize(buf, at, bits):
     """One Capstone cs_insn (at offset at of buf) as an Insn."""
+    address, size, raw16 = _HEAD.unpack_from(buf, at)
+    seen = _SEEN.get((bits, raw16[:size]))
+    if seen is not None:
+        insn = object.__new__(Insn)
+        insn.__dict__.update(seen)
+        insn.addr = address
+        return insn
+    insn = _normalize_detail(buf, at, bits)
+    if 7 not in insn.groups:            # CS_GRP_BRANCH_RELATIVE
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[(bits, insn.raw)] = dict(insn.__dict__)
+    return insn
+
+
+def _normalize_detail(buf, at, bits):
     iid, address, size, raw, mnemonic, op_str, dptr = _INSN.unpack_from(buf, at)
     d = ctypes.string_at(dptr, _DETAIL_SIZE)
     groups, ngroups, pfx, addrsize, nops = _DETAIL.unpack_from(d)

@@ -72,7 +72,7 @@ _RELOCS = {1: (8, False), 2: (4, True), 4: (4, True), 10: (4, False), 11: (4, Fa
 class Stencil:
     """Machine code with holes: code bytes and [(offset, size, pc-relative, hole, addend)];
     phys, a mask of the GPRs its semantics name directly (filled in by Library)."""
-    __slots__ = ("code", "relocs", "slots", "falls_through", "phys", "vused")
+    __slots__ = ("code", "relocs", "slots", "falls_through", "phys", "vused", "plan")
 
     def __init__(self, code, relocs):
         # The jump to the next stencil at the very end is dropped: the next one is copied there.
@@ -91,6 +91,20 @@ class Stencil:
     def _holes_used(self):
         self.slots = sorted({r[3] for r in self.relocs if r[3].startswith("h_slot")})
         self.vused = sorted({int(r[3][5:]) for r in self.relocs if r[3].startswith("h_reg")})
+        # _assemble's work per relocation, decided once: (kind, offset, size, pc-relative, hole
+        # or slot number, addend, struct format, mask).
+        plan = []
+        for off, size, pcrel, sym, addend in self.relocs:
+            if sym in self.slots:
+                kind, sym = _R_SLOT, self.slots.index(sym)
+            elif sym in ("h_hot", "h_cnt"):
+                kind, sym = _R_CELL, _HOT if sym == "h_hot" else _CNT
+            elif sym == CONT:
+                kind = _R_CONT_PC if pcrel else _R_CONT
+            else:
+                kind = _R_VALUE_PC if pcrel else _R_VALUE
+            plan.append((kind, off, size, pcrel, sym, addend, _PACK[size], (1 << (8 * size)) - 1))
+        self.plan = plan
 
 
 # ---- shapes --------------------------------------------------------------------------------
@@ -148,14 +162,26 @@ def _vreg(r, actual, vals):
     return v
 
 
+_SHAPES = {}            # (bytes, key, level, open_regs, opsize) -> what InsnShape.__init__ computes
+_SHAPES_MAX = 1 << 17
+
+
 class InsnShape:
     """One instruction as a stencil at a level: its key and the values of its holes.
     open_regs=False keeps the registers fixed even at levels 0 and 1 (see aliases)."""
 
     def __init__(self, insn, key, level, block_eip, open_regs=True):
-        # Called for every instruction of every block built: plain tuples, no dataclass copies.
+        # Called for every instruction of every block built: plain tuples, no dataclass copies,
+        # and the shape of an instruction whose holes do not depend on where it is (not a
+        # relative branch, not a direct exit with page decisions) is remembered by its bytes.
         self.insn, self.tkey, self.level, self.block_eip = insn, key, level, block_eip
         self.open_regs = open_regs = open_regs and level < 2
+        memo = (insn.raw, key & ~S.KEY_STEP, level, open_regs, insn.opsize)
+        seen = _SHAPES.get(memo)
+        if seen is not None:
+            self.actual, self.vregs, self.cross, self.key, vals = seen
+            self.values = dict(vals, h_eip=insn.addr, h_next=insn.next)
+            return
         vals = {"h_eip": insn.addr, "h_next": insn.next}
         actual = self.actual = []    # register hole j -> the GPR index it holds here
         kops = []
@@ -197,6 +223,11 @@ class InsnShape:
         self.key = ("i", level, key & ~S.KEY_STEP, insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock,
                     insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
                     tuple(sorted(self.cross.items())))
+        if not self.cross and 7 not in insn.groups:     # relative branches: targets are absolute
+            if len(_SHAPES) >= _SHAPES_MAX:
+                _SHAPES.clear()
+            _SHAPES[memo] = (actual, self.vregs, self.cross, self.key,
+                             {k: v for k, v in vals.items() if k not in _INSN_MOVES})
 
     def eip_holes(self):
         """The holes whose values are guest addresses relative to the instruction (its own, the
@@ -705,6 +736,8 @@ _TAIL_MOVES = frozenset(("h_target",))
 # Bases of a reference besides chain slot i (i itself): the hot and counter cells, the block's
 # own code, and nothing (a constant that a pc-relative reference turns position-dependent).
 _HOT, _CNT, _CODE, _ZERO = 252, 253, 254, 255
+# Kinds of a stencil's relocations (Stencil.plan).
+_R_VALUE, _R_VALUE_PC, _R_SLOT, _R_CELL, _R_CONT, _R_CONT_PC = range(6)
 
 
 def movable(recipe):
@@ -720,33 +753,32 @@ def _assemble(plan):
     rels = []
     moves = [] if all(m is not None for _, _, m in plan) else None
     pos = nslots = 0
+    pack = struct.pack_into
     for st, vals, eip_holes in plan:
-        cells = {"h_hot": _HOT, "h_cnt": _CNT}
-        for s in st.slots:
-            cells[s] = nslots
-            nslots += 1
         buf[pos:pos + len(st.code)] = st.code
         end = pos + len(st.code)
-        for off, size_, pcrel, sym, addend in st.relocs:
+        for kind, off, size_, pcrel, sym, addend, fmt, mask in st.plan:
             at = pos + off
-            base = cells.get(sym)
-            if base is not None:
-                rels.append((at, size_, pcrel, base, addend))
-            elif sym == CONT and pcrel:
-                struct.pack_into(_PACK[size_], buf, at, (end + addend - at) & ((1 << (8 * size_)) - 1))
-            elif sym == CONT:
-                rels.append((at, size_, False, _CODE, end + addend))
-            else:
+            if kind == _R_VALUE:
                 if moves is not None and sym in eip_holes:
-                    if pcrel or size_ < 4:
+                    if size_ < 4:
                         moves = None        # not a plain 32/64-bit value: this recipe stays put
                     else:
                         moves.append((at, size_, addend))
-                if pcrel:
-                    rels.append((at, size_, True, _ZERO, vals[sym] + addend))
-                else:
-                    v = vals[sym] + addend
-                    struct.pack_into(_PACK[size_], buf, at, v & ((1 << (8 * size_)) - 1))
+                pack(fmt, buf, at, (vals[sym] + addend) & mask)
+            elif kind == _R_SLOT:
+                rels.append((at, size_, pcrel, nslots + sym, addend))
+            elif kind == _R_CELL:
+                rels.append((at, size_, pcrel, sym, addend))
+            elif kind == _R_CONT_PC:
+                pack(fmt, buf, at, (end + addend - at) & mask)
+            elif kind == _R_CONT:
+                rels.append((at, size_, False, _CODE, end + addend))
+            else:
+                if moves is not None and sym in eip_holes:
+                    moves = None
+                rels.append((at, size_, True, _ZERO, vals[sym] + addend))
+        nslots += len(st.slots)
         pos = end
     assert nslots < _HOT
     if moves is not None and len(moves) >= _FIXED:

@@ -111,6 +111,26 @@ def test_rep_string_starts_a_block_so_resuming_meets_a_known_block():
     assert whole[0] == [CODE, CODE + 10] and whole[1] == 0x2000 + 100
 
 
+def test_same_code_bytes_at_two_addresses_branch_relative_to_each():
+    # The decoder and the stencil builder remember instructions by their bytes: a copy of a
+    # function elsewhere must still call and jump relative to its own address.
+    func = asm("call f; jmp done; f: add eax, 5; ret; done: ret", 0)
+    assert func[7:10] == b"\x83\xc0\x05"
+    # The first copy's f then adds 100: the second copy must not go there.
+    code = asm("call 0x1100; mov byte ptr [0x1109], 100; call 0x1200; hlt")
+    sn = Snippet(trace_writes=False)
+    try:
+        sn.mem.write(CODE, code)
+        sn.mem.write(0x1100, func)
+        sn.mem.write(0x1200, func)
+        sn.cpu.set_reg("eip", CODE)
+        sn.cpu.set_reg("esp", 0x9000)
+        assert sn.cpu.run(1000).reason == "hlt"
+        assert sn.cpu.reg("eax") == 10 and sn.cpu.reg("eip") == CODE + len(code)
+    finally:
+        sn.close()
+
+
 def test_infinite_loop_is_bounded():
     r = run_case(make_case(asm("l: jmp l"), max_instructions=2_000_000))
     assert r["instructions"] == 2_000_000 and r["exception"] is None

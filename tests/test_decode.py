@@ -59,3 +59,14 @@ def test_decoder_matches_the_capstone_binding():
             assert got == want, blob.hex()
             seen += len(got)
     assert seen > 10000
+
+
+def test_instructions_met_again_elsewhere_have_their_own_address():
+    # Decoded instructions are remembered by their bytes (decode._SEEN): a relative branch's
+    # target still comes from its own address, and every instruction keeps its address.
+    for _ in range(2):
+        for at in (0x1000, 0x5000):
+            jmp, = decode.disasm(b"\xeb\x05", at, 1)
+            load, = decode.disasm(b"\x8b\x43\x04", at, 1)
+            assert (jmp.addr, jmp.ops[0].imm, jmp.next) == (at, at + 7, at + 2)
+            assert (load.addr, load.next, load.ops[1].mem.disp) == (at, at + 3, 4)
