@@ -616,6 +616,7 @@ def parse_object(obj):
 
 # ---- instantiation -----------------------------------------------------------------------
 _PACK = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+_MASK = {n: (1 << (8 * n)) - 1 for n in _PACK}
 
 
 class Builder:
@@ -704,16 +705,16 @@ class Builder:
                 v, = struct.unpack_from(fmt, buf, off)
                 v = ((v - addend + delta) & 0xFFFFFFFF) + addend
                 struct.pack_into(fmt, buf, off, v & ((1 << (8 * size)) - 1))
-        for k in range(nrel):
-            off, size, pcrel, which, addend = _CELL_REL.unpack_from(recipe, _RECIPE_HEAD.size + k * _CELL_REL.size)
+        pack = struct.pack_into
+        for off, size, pcrel, which, addend in _CELL_REL.iter_unpack(recipe[_RECIPE_HEAD.size:moves_at]):
             base = slots[which] if which < nslots else bases[which]
             if not base and which in (_HOT, _CNT):
                 raise ValueError("recipe needs a cell this run does not have")
             v = base + addend
             if pcrel:
                 v -= addr + off
-            struct.pack_into(_PACK[size], buf, off, v & ((1 << (8 * size)) - 1))
-        ctypes.memmove(addr, bytes(buf), ncode)
+            pack(_PACK[size], buf, off, v & _MASK[size])
+        self.code.write(addr, buf)
         self.blocks += 1
         return addr, slots, hot_cell, cnt_cell
 
