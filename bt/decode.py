@@ -203,15 +203,13 @@ def _normalize(buf, at, bits):
     address, size, raw16 = _HEAD.unpack_from(buf, at)
     seen = _SEEN.get((bits, raw16[:size]))
     if seen is not None:
-        insn = object.__new__(Insn)
-        insn.__dict__.update(seen)
-        insn.addr = address
-        return insn
+        return Insn(address, *seen)
     insn = _normalize_detail(buf, at, bits)
     if 7 not in insn.groups:            # CS_GRP_BRANCH_RELATIVE
         if len(_SEEN) >= _SEEN_MAX:
             _SEEN.clear()
-        _SEEN[(bits, insn.raw)] = dict(insn.__dict__)
+        _SEEN[(bits, insn.raw)] = (insn.size, insn.raw, insn.id, insn.mnemonic, insn.op_str, insn.ops, insn.rep,
+                                   insn.lock, insn.opsize, insn.addrsize, insn.seg_override, insn.groups)
     return insn
 
 

@@ -163,6 +163,7 @@ def _vreg(r, actual, vals):
 
 
 _SHAPES = {}            # (bytes, key, level, open_regs, opsize) -> what InsnShape.__init__ computes
+_KEYS = {}              # shape key -> itself
 _SHAPES_MAX = 1 << 17
 
 
@@ -179,7 +180,8 @@ class InsnShape:
         memo = (insn.raw, key & ~S.KEY_STEP, level, open_regs, insn.opsize)
         seen = _SHAPES.get(memo)
         if seen is not None:
-            self.actual, self.vregs, self.cross, self.key, vals = seen
+            self.actual, self.vregs, self.key, vals = seen
+            self.cross = {}
             self.values = dict(vals, h_eip=insn.addr, h_next=insn.next)
             return
         vals = {"h_eip": insn.addr, "h_next": insn.next}
@@ -226,8 +228,12 @@ class InsnShape:
         if not self.cross and 7 not in insn.groups:     # relative branches: targets are absolute
             if len(_SHAPES) >= _SHAPES_MAX:
                 _SHAPES.clear()
-            _SHAPES[memo] = (actual, self.vregs, self.cross, self.key,
-                             {k: v for k, v in vals.items() if k not in _INSN_MOVES})
+                _KEYS.clear()
+            # Equal keys of different instructions share one tuple (a boot has ~40,000 distinct
+            # instructions but ~1,400 shapes).
+            self.key = _KEYS.setdefault(self.key, self.key)
+            _SHAPES[memo] = (tuple(actual), self.vregs, self.key,
+                             tuple((k, v) for k, v in vals.items() if k not in _INSN_MOVES))
 
     def eip_holes(self):
         """The holes whose values are guest addresses relative to the instruction (its own, the
