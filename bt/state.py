@@ -129,7 +129,7 @@ class CPUState(ctypes.Structure):
         ("refill_slow", ctypes.c_uint64),          # the runtime's own load slow path
         # ---- ... and of system machines: the page walk (runtime/native_refill.py) ----
         ("pg_dir", ctypes.c_uint32),               # CR3's page-directory base
-        ("pg_mode", ctypes.c_uint32),              # PG_ON | PG_PSE | PG_WP as CR0/CR4 say
+        ("pg_mode", ctypes.c_uint32),              # PG_ON | PG_PSE | PG_WP | PG_PGE as CR0/CR4 say
         ("ram_size", ctypes.c_uint64),             # guest-physical RAM (bytes from refill_base)
         ("pg_large", ctypes.c_uint64),             # u8 per 4 MiB region: walked through a PSE entry
         ("pg_code", ctypes.c_uint64),              # u8 per physical page: holds translated code
@@ -143,7 +143,7 @@ class CPUState(ctypes.Structure):
             self.seg_lo[i], self.seg_hi[i] = 0, 0xFFFFFFFF
 
 
-PG_ON, PG_PSE, PG_WP = 1, 2, 4  # pg_mode bits: CR0.PG, CR4.PSE, CR0.WP
+PG_ON, PG_PSE, PG_WP, PG_PGE = 1, 2, 4, 8     # pg_mode bits: CR0.PG, CR4.PSE, CR0.WP, CR4.PGE
 
 
 def offset(name):

@@ -198,6 +198,7 @@ pte:
   br label %inram
 inram:
   %phys = phi i32 [ %flat, %go ], [ %lphys, %large2 ], [ %sphys, %small ]
+  %leaf = phi i32 [ 0, %go ], [ %e1, %large2 ], [ %e2, %small ]
   %p64 = zext i32 %phys to i64
   %pend = add i64 %p64, 4096
   %pin = icmp ule i64 %pend, %ram
@@ -240,6 +241,39 @@ code:
   %fp = load ptr, ptr %fpp
   call void %fp(ptr %st, i32 %addr, i64 %val, i32 %size)
   ret void
+}}
+"""
+
+
+def _walk_ir():
+    """The page walk alone, for the runtime's own reads (SystemCPU.translate): paging on, %user
+    from the caller.  Returns the physical page | 4, | 1 if it is global (G with CR4.PGE), | 2 if
+    dirty; 0 where Python must walk (the same cases as the refills)."""
+    o = S.offset
+    return f"""
+define i64 @btvm_walk(ptr %st, i32 %addr, i32 %userflag) nounwind {{
+entry:
+  %user = icmp ne i32 %userflag, 0
+  %bpp = getelementptr i8, ptr %st, i64 {o('refill_base')}
+  %base = load i64, ptr %bpp
+  br label %go
+{_walk(o, False)}  br i1 %pin, label %ok, label %py
+ok:
+  %g0 = and i32 %leaf, 256
+  %pge0 = and i32 %mode, {S.PG_PGE}
+  %g1 = icmp ne i32 %g0, 0
+  %pge = icmp ne i32 %pge0, 0
+  %glob = and i1 %g1, %pge
+  %gb = select i1 %glob, i64 1, i64 0
+  %d0 = and i32 %leaf, {_D}
+  %dirty = icmp ne i32 %d0, 0
+  %db = select i1 %dirty, i64 2, i64 0
+  %r0 = or i64 %p64, 4
+  %r1 = or i64 %r0, %gb
+  %r = or i64 %r1, %db
+  ret i64 %r
+py:
+  ret i64 0
 }}
 """
 
@@ -303,6 +337,14 @@ def sys_store_refill_address():
     """Address of btvm_sys_store_refill, a store slow path with the signature of
     state.store_slow (the runtime's own one in refill_store_slow; pg_code set too)."""
     return _compiled("btvm_sys_store_refill", _sys_store_ir)
+
+
+_WALK = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+
+
+def walk():
+    """walk(state address, linear address, user): btvm_walk (see _walk_ir) as a ctypes function."""
+    return _WALK(_compiled("btvm_walk", _walk_ir))
 
 
 _DROP = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)

@@ -73,3 +73,46 @@ def test_a_supervisor_read_of_an_accessed_page_is_refilled_natively(monkeypatch)
     out = _outcome(_kernel(FLAGS["rw-user-AD"], False, True, False, False), True)
     assert out["read"] == 0x11223344 and out["marker"] == 0x600D
     assert DATA not in seen
+
+
+def test_native_walk_agrees_with_the_walker_on_random_page_tables():
+    # SystemCPU.translate walks natively (btvm_walk) when no A/D bit is to be set and no fault
+    # raised; where it answers, the runtime's walker must answer the same without writing.
+    import random
+    from runtime.system.paging import CR0_PE, CR0_PG, CR4_PGE, CR4_PSE, PageFault
+    rng = random.Random(7)
+    m = Machine(ram_mb=8, serial_out=lambda b: None, icount=True)
+    try:
+        cpu = m.cpu
+        ram = cpu.ram_size
+        pd = 0x100000
+        for i in range(1024):
+            flags = rng.choice([0, 0x1, 0x7, 0x27, 0x67, 0x25, 0x21, 0x87, 0xA7, 0x1A7, 0x1E7, 0x85])
+            table = rng.choice([0x101000, 0x102000, 0x7FF000 + 0x2000])     # the last is beyond RAM
+            base = (rng.randrange(0, 3) << 22) if flags & 0x80 else table      # 8 MiB: beyond RAM
+            cpu.write_phys32(pd + 4 * i, base | flags)
+        for t in (0x101000, 0x102000):
+            for i in range(1024):
+                page = rng.randrange(0, (ram >> 12) + 16) << 12                 # some beyond RAM
+                cpu.write_phys32(t + 4 * i, page | rng.choice([0, 0x1, 0x5, 0x25, 0x65, 0x165, 0x21, 0x61]))
+        for cr4 in (0, CR4_PSE, CR4_PSE | CR4_PGE):
+            cpu.set_cr4(cr4)
+            cpu.set_cr3(pd)
+            cpu.set_cr0(CR0_PE | CR0_PG)
+            answered = 0
+            for _ in range(3000):
+                lin, user = rng.randrange(0, 1 << 32), rng.random() < 0.5
+                native = cpu._native_walk(cpu.st_addr, lin, user)
+                if not native:
+                    continue
+                answered += 1
+                before = cpu.read_phys(pd, 4096) + cpu.read_phys(0x101000, 8192)
+                try:
+                    phys, glob, dirty = cpu.walker.translate(cpu.cr0, cpu.cr3, cpu.cr4, lin, False, user)
+                except PageFault as pf:
+                    raise AssertionError(f"native walk of {lin:#x} (user={user}) answered, walker faulted: {pf}")
+                assert (native & ~0xFFF, bool(native & 1), bool(native & 2)) == (phys & ~0xFFF, glob, dirty), hex(lin)
+                assert cpu.read_phys(pd, 4096) + cpu.read_phys(0x101000, 8192) == before, "walker wrote A/D"
+            assert answered > 100
+    finally:
+        m.close()

@@ -12,7 +12,7 @@ import struct
 
 from bt import state as S
 from runtime.cpu import CPU, GuestFault, Stop
-from runtime.native_refill import drop_writes, sys_load_refill_address, sys_store_refill_address
+from runtime.native_refill import drop_writes, sys_load_refill_address, sys_store_refill_address, walk
 
 from .descriptors import FULL, Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
 from .tlb import TLBShadow
@@ -79,6 +79,7 @@ class SystemCPU(CPU):
         st.refill_store_slow = st.store_slow
         st.store_slow = sys_store_refill_address()
         self._drop_writes = drop_writes()
+        self._native_walk = walk()
         self._sync_paging()
         self.cache.on_install = self._on_install
         self.cache.is_global = self._maps_global
@@ -125,6 +126,12 @@ class SystemCPU(CPU):
         user = self.cpl == 3 if user is None else user
         if not self.cr0 & CR0_PG:
             return lin & 0xFFFFFFFF, False, True
+        if not write:
+            # The walks that set no A/D bit and raise no fault are done in native code (the same
+            # rules: runtime/native_refill.py), the rest here.
+            r = self._native_walk(self.st_addr, lin & 0xFFFFFFFF, user)
+            if r:
+                return (r & 0xFFFFF000) | (lin & 0xFFF), bool(r & 1), bool(r & 2)
         return self.walker.translate(self.cr0, self.cr3, self.cr4, lin, write, user, fetch)
 
     def _pieces(self, lin, n, write, user):
@@ -357,7 +364,7 @@ class SystemCPU(CPU):
         """Tell the native read refill what CR0, CR3 and CR4 now say."""
         self.st.pg_dir = self.cr3 & 0xFFFFF000
         self.st.pg_mode = ((S.PG_ON if self.cr0 & CR0_PG else 0) | (S.PG_PSE if self.cr4 & CR4_PSE else 0)
-                           | (S.PG_WP if self.cr0 & CR0_WP else 0))
+                           | (S.PG_WP if self.cr0 & CR0_WP else 0) | (S.PG_PGE if self.cr4 & CR4_PGE else 0))
 
     def set_cr0(self, v):
         v |= CR0_ET
