@@ -382,7 +382,7 @@ class DiskCache:
                 files = os.scandir(d.path) if d.name != INDEX_DIR else \
                     (e for v in os.scandir(d.path) if v.is_dir() for e in os.scandir(v.path))
                 for e in files:
-                    if e.name.endswith((".bto", ".log")):
+                    if e.name.endswith((".bto", ".log", ".o")):       # .o: runtime/ (JIT.compile_cached)
                         st = e.stat()
                         out.append((st.st_mtime, st.st_size, e.path))
             except OSError:
