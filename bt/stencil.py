@@ -174,14 +174,22 @@ class InsnShape:
     def __init__(self, insn, key, level, block_eip, open_regs=True):
         # Called for every instruction of every block built: plain tuples, no dataclass copies,
         # and the shape of an instruction whose holes do not depend on where it is (not a
-        # relative branch, not a direct exit with page decisions) is remembered by its bytes.
+        # relative branch) is remembered by its bytes and its page decisions.
         self.insn, self.tkey, self.level, self.block_eip = insn, key, level, block_eip
         self.open_regs = open_regs = open_regs and level < 2
-        memo = (insn.raw, key & ~S.KEY_STEP, level, open_regs, insn.opsize)
+        # Direct exits: whether each possible target leaves the block's page (only matters
+        # with paging, where chains stay on their page; bt.emit.Emitter.exit_direct).
+        cross = self.cross = {}
+        if key & S.KEY_PG and ends_block(insn):
+            if 7 in insn.groups:        # a relative branch: its immediate is a target
+                for i, op in enumerate(insn.ops):
+                    if op.kind == "imm":
+                        cross[f"h_imm{i}"] = bool(((op.imm & 0xFFFFFFFF) ^ block_eip) & ~0xFFF)
+            cross["h_next"] = bool((insn.next ^ block_eip) & ~0xFFF)
+        memo = (insn.raw, key & ~S.KEY_STEP, level, open_regs, cross.get("h_next"))
         seen = _SHAPES.get(memo)
         if seen is not None:
             self.actual, self.vregs, self.key, vals = seen
-            self.cross = {}
             self.values = dict(vals, h_eip=insn.addr, h_next=insn.next)
             return
         vals = {"h_eip": insn.addr, "h_next": insn.next}
@@ -214,18 +222,10 @@ class InsnShape:
                 kops.append((kind, op.size, op.reg))
         self.vregs = len(actual)
         self.values = vals
-        # Direct exits: whether each possible target leaves the block's page (only matters
-        # with paging, where chains stay on their page; bt.emit.Emitter.exit_direct).
-        self.cross = {}
-        if key & S.KEY_PG and ends_block(insn):
-            for i, op in enumerate(insn.ops):
-                if op.kind == "imm":
-                    self.cross[f"h_imm{i}"] = bool(((op.imm & 0xFFFFFFFF) ^ block_eip) & ~0xFFF)
-            self.cross["h_next"] = bool((insn.next ^ block_eip) & ~0xFFF)
         self.key = ("i", level, key & ~S.KEY_STEP, insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock,
                     insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
                     tuple(sorted(self.cross.items())))
-        if not self.cross and 7 not in insn.groups:     # relative branches: targets are absolute
+        if 7 not in insn.groups:        # relative branches: their targets are absolute
             if len(_SHAPES) >= _SHAPES_MAX:
                 _SHAPES.clear()
                 _KEYS.clear()
