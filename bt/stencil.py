@@ -164,6 +164,7 @@ def _vreg(r, actual, vals):
 
 _SHAPES = {}            # (bytes, key, level, open_regs, opsize) -> what InsnShape.__init__ computes
 _KEYS = {}              # shape key -> itself
+_KINDS = {}             # (instruction bytes, KEY_CS32) -> (Capstone id, operand kinds): Library.level's key
 _SHAPES_MAX = 1 << 17
 
 
@@ -354,7 +355,13 @@ class Library:
 
     def shape(self, insn, key, block_eip):
         """The InsnShape of insn at the level known to work for its kind (or the first)."""
-        return InsnShape(insn, key, self.level.get((insn.id, tuple(o.kind for o in insn.ops)), 0), block_eip)
+        at = (insn.raw, key & S.KEY_CS32)
+        kind = _KINDS.get(at)
+        if kind is None:
+            if len(_KINDS) >= _SHAPES_MAX:
+                _KINDS.clear()
+            kind = _KINDS[at] = (insn.id, tuple([o.kind for o in insn.ops]))
+        return InsnShape(insn, key, self.level.get(kind, 0), block_eip)
 
     def get(self, shapes):
         """The Stencil of each shape (None where one cannot exist), compiling the missing ones.
