@@ -76,6 +76,12 @@ class Insn:
     def next(self):
         return (self.addr + self.size) & 0xFFFFFFFF
 
+    @property
+    def relative(self):
+        """A relative branch (jmp/jcc/call rel, loop, jecxz): its immediate is the absolute
+        target, so its fields depend on its address, not only on its bytes."""
+        return capstone.CS_GRP_BRANCH_RELATIVE in self.groups
+
     def text(self):
         return f"{self.mnemonic} {self.op_str}".strip()
 
@@ -205,7 +211,7 @@ def _normalize(buf, at, bits):
     if seen is not None:
         return Insn(address, *seen)
     insn = _normalize_detail(buf, at, bits)
-    if 7 not in insn.groups:            # CS_GRP_BRANCH_RELATIVE
+    if not insn.relative:
         if len(_SEEN) >= _SEEN_MAX:
             _SEEN.clear()
         _SEEN[(bits, insn.raw)] = (insn.size, insn.raw, insn.id, insn.mnemonic, insn.op_str, insn.ops, insn.rep,

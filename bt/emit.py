@@ -777,8 +777,13 @@ class Emitter:
             return None
         return win[kind]
 
-    def _direct_or_probe(self, fast, addr, direct, probe):
-        """Run direct(host pointer) when fast's flag holds, else probe(); join after both."""
+    def _direct_or_probe(self, addr, size, kind, t, direct, probe):
+        """The access through its base-register window (_window_fast) when it has one: direct(host
+        pointer) when the window's check holds, else probe(); the two values (of type t) are
+        joined.  Without a window, just probe()."""
+        fast = self._window_fast(addr, size, kind)
+        if fast is None:
+            return probe()
         ok, addend = fast
         lf, ls, lj = self.new_label("sfast"), self.new_label("sslow"), self.new_label("sjoin")
         self.cbr(ok, lf, ls, likely=True)
@@ -794,7 +799,7 @@ class Emitter:
         self.br(lj)
         self.scope = saved
         self.set_label(lj)
-        return fast_v, slow_v, lf, slow_end
+        return self.op(f"phi {t} [ {fast_v.s}, %{lf} ], [ {slow_v.s}, %{slow_end} ]", t)
 
     def _mem_helper(self, kind, size):
         """Name of the module's internal function for one soft-MMU access, defined on first use:
@@ -963,12 +968,8 @@ done:
             v = self.op(f"extractvalue {{i64, i1}} {r.s}, 0", "i64")
             self._fault_if(self.op(f"extractvalue {{i64, i1}} {r.s}, 1", "i1"))
             return self.trunc(v, t) if t != "i64" else v
-        fast = self._window_fast(addr, size, S.TLB_READ)
-        if fast is None:
-            return probe()
-        fv, sv, lf, ls = self._direct_or_probe(fast, addr, lambda hp: self.op(f"load {t}, ptr {hp.s}, align 1", t),
-                                               probe)
-        return self.op(f"phi {t} [ {fv.s}, %{lf} ], [ {sv.s}, %{ls} ]", t)
+        return self._direct_or_probe(addr, size, S.TLB_READ, t,
+                                     lambda hp: self.op(f"load {t}, ptr {hp.s}, align 1", t), probe)
 
     def store(self, addr, v, align=None):
         """Store v (iN) at linear address addr (i32); align as for load."""
@@ -986,12 +987,7 @@ done:
         def direct(hp):
             self.emit(f"store {v.t} {v.s}, ptr {hp.s}, align 1")
             return self.c(0, "i1")
-        fast = self._window_fast(addr, size, S.TLB_WRITE)
-        if fast is None:
-            hit = probe()
-        else:
-            fv, sv, lf, ls = self._direct_or_probe(fast, addr, direct, probe)
-            hit = self.op(f"phi i1 [ {fv.s}, %{lf} ], [ {sv.s}, %{ls} ]", "i1")
+        hit = self._direct_or_probe(addr, size, S.TLB_WRITE, "i1", direct, probe)
         self.smc = hit if self.smc is None else self.or_(self.smc, hit)
 
     def probe_write(self, addr, size, align=1):

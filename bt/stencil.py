@@ -103,7 +103,7 @@ class Stencil:
                 kind = _R_CONT_PC if pcrel else _R_CONT
             else:
                 kind = _R_VALUE_PC if pcrel else _R_VALUE
-            plan.append((kind, off, size, pcrel, sym, addend, _PACK[size], (1 << (8 * size)) - 1))
+            plan.append((kind, off, size, pcrel, sym, addend, _PACK[size], _MASK[size]))
         self.plan = plan
 
 
@@ -162,7 +162,7 @@ def _vreg(r, actual, vals):
     return v
 
 
-_SHAPES = {}            # (bytes, key, level, open_regs, opsize) -> what InsnShape.__init__ computes
+_SHAPES = {}            # (bytes, key, level, open_regs, crosses on fall-through) -> what InsnShape.__init__ computes
 _KEYS = {}              # shape key -> itself
 _KINDS = {}             # (instruction bytes, KEY_CS32) -> (Capstone id, operand kinds): Library.level's key
 _SHAPES_MAX = 1 << 17
@@ -182,7 +182,7 @@ class InsnShape:
         # with paging, where chains stay on their page; bt.emit.Emitter.exit_direct).
         cross = self.cross = {}
         if key & S.KEY_PG and ends_block(insn):
-            if 7 in insn.groups:        # a relative branch: its immediate is a target
+            if insn.relative:           # its immediate is a target
                 for i, op in enumerate(insn.ops):
                     if op.kind == "imm":
                         cross[f"h_imm{i}"] = bool(((op.imm & 0xFFFFFFFF) ^ block_eip) & ~0xFFF)
@@ -226,7 +226,7 @@ class InsnShape:
         self.key = ("i", level, key & ~S.KEY_STEP, insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock,
                     insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
                     tuple(sorted(self.cross.items())))
-        if 7 not in insn.groups:        # relative branches: their targets are absolute
+        if not insn.relative:           # relative branches: their targets are absolute
             if len(_SHAPES) >= _SHAPES_MAX:
                 _SHAPES.clear()
                 _KEYS.clear()
@@ -241,7 +241,7 @@ class InsnShape:
         next one's, a relative branch's target), or None if such an address is part of the
         stencil itself (a relative branch at a level that fixes immediates)."""
         insn = self.insn
-        if 7 not in insn.groups:            # CS_GRP_BRANCH_RELATIVE
+        if not insn.relative:
             return _INSN_MOVES
         out = set(_INSN_MOVES)
         for i, op in enumerate(insn.ops):
@@ -717,7 +717,7 @@ class Builder:
                 fmt = _PACK[size]
                 v, = struct.unpack_from(fmt, buf, off)
                 v = ((v - addend + delta) & 0xFFFFFFFF) + addend
-                struct.pack_into(fmt, buf, off, v & ((1 << (8 * size)) - 1))
+                struct.pack_into(fmt, buf, off, v & _MASK[size])
         pack = struct.pack_into
         for off, size, pcrel, which, addend in _CELL_REL.iter_unpack(recipe[_RECIPE_HEAD.size:moves_at]):
             base = slots[which] if which < nslots else bases[which]

@@ -84,7 +84,7 @@ def static_successors(block):
     if info.callout:
         # Execution continues after most callouts (INT 0x80, CPUID, I/O), not after these.
         return [] if info.callout in ("hlt", "iret", "farjump", "sysenter") else [last.next]
-    if last.ops and last.ops[0].kind == "imm" and (1 in groups or 2 in groups or 7 in groups):
+    if last.ops and last.ops[0].kind == "imm" and (1 in groups or 2 in groups or last.relative):
         target = last.ops[0].imm & (0xFFFF if last.opsize == 2 else 0xFFFFFFFF)
         out.append(target)
         if last.mnemonic != "jmp":

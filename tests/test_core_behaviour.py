@@ -118,17 +118,10 @@ def test_same_code_bytes_at_two_addresses_branch_relative_to_each():
     assert func[7:10] == b"\x83\xc0\x05"
     # The first copy's f then adds 100: the second copy must not go there.
     code = asm("call 0x1100; mov byte ptr [0x1109], 100; call 0x1200; hlt")
-    sn = Snippet(trace_writes=False)
-    try:
-        sn.mem.write(CODE, code)
-        sn.mem.write(0x1100, func)
-        sn.mem.write(0x1200, func)
-        sn.cpu.set_reg("eip", CODE)
-        sn.cpu.set_reg("esp", 0x9000)
-        assert sn.cpu.run(1000).reason == "hlt"
-        assert sn.cpu.reg("eax") == 10 and sn.cpu.reg("eip") == CODE + len(code)
-    finally:
-        sn.close()
+    case = make_case(code, data={0x1100: func, 0x1200: func})
+    r = run_case(case)
+    assert r["final"]["regs"]["eax"] == 10
+    assert oracle_mismatches(case, r) == []
 
 
 def test_infinite_loop_is_bounded():
