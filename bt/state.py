@@ -92,7 +92,7 @@ class CPUState(ctypes.Structure):
         ("callout_arg", ctypes.c_uint32),
         ("next_eip", ctypes.c_uint32),
         ("mode_key", ctypes.c_uint32),     # translation key of the current mode
-        ("_pad1", ctypes.c_uint32),
+        ("irq_pending", ctypes.c_uint32),  # 1 << IF while a machine's interrupt controller requests
         ("chain_from", ctypes.c_uint64),   # address of the exit slot that just missed (0: none)
         ("load_slow", ctypes.c_uint64),    # u64 (state*, u32 addr, u32 size)
         ("store_slow", ctypes.c_uint64),   # void (state*, u32 addr, u64 val, u32 size)

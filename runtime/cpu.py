@@ -146,6 +146,7 @@ class CPU:
         self.on_single_step = None
         self.step_event = False
         self.debug_shadow = False
+        self.end_slice = False      # set by a machine's device: the run returns Stop("event")
 
     # ---- registers --------------------------------------------------------------
     def reg(self, name):
@@ -412,6 +413,12 @@ class CPU:
                     raise Stop("hlt")
                 if tf and completed and not self.step_event and not self.debug_shadow:
                     self.on_single_step(self)
+                if completed and (st.irq_pending & st.eflags or self.end_slice):
+                    # A machine's interrupt became deliverable (STI, IRET, POPF, an OUT that
+                    # raised or unmasked an IRQ): it is taken now, not at the slice's end.  Or
+                    # a device timer was armed earlier than the deadline the slice ran to.
+                    self.end_slice = False
+                    raise Stop("event")
             except GuestFault as f:
                 self.raise_exception(f.vector, f.error, f.fault_addr)
             except Stop as s:

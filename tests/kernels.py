@@ -30,6 +30,11 @@ header:
     .long start
 start:
     mov esp, kstack_top
+    # The ring-3 bodies run with IF set, and the PICs are as reset left them (no BIOS): IRQ0
+    # requested, vectors 0-15.  Mask them all, as an OS does before it enables interrupts.
+    mov al, 0xff
+    out 0x21, al
+    out 0xa1, al
     lgdt [gdt_desc]
     .byte 0xea
     .long reload

@@ -107,6 +107,20 @@ def test_clock_icount_timers_and_idle():
     assert VirtualClock().now_ns() >= 0                    # host mode
 
 
+def test_clock_reports_a_deadline_earlier_than_all_others():
+    # The machine's time slice runs to the earliest deadline; arming one before it must end the slice.
+    clk = VirtualClock(icount=Counter())
+    calls = []
+    clk.on_earlier = lambda: calls.append(clk.next_deadline())
+    a, b = clk.timer(lambda d: None), clk.timer(lambda d: None)
+    a.mod(500)
+    b.mod(800)                                             # later than a: the slice is unaffected
+    b.mod(300)                                             # re-armed before a
+    a.mod(100)
+    a.mod(200)                                             # later than its own old deadline only
+    assert calls == [500, 300, 100]
+
+
 # ---------------------------------------------------------------------------- PIC
 def test_pic_linux_init_priorities_eoi():
     m = Machine()

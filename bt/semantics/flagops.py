@@ -90,10 +90,14 @@ def popf(e, insn):
     # next instruction on (runtime/cpu.py CPU.run); so does one that changes EFLAGS.AC, so that
     # the run loop switches KEY_AC (alignment checking, CPU.sync_ac), or IOPL, which the mode key
     # holds (SystemCPU.update_key), from the next instruction on.  Otherwise this is one untaken
-    # branch: a kernel's local_irq_restore() no longer returns to the runtime (interrupts it
-    # enables are seen at the end of the time slice, as after STI).
+    # branch: a kernel's local_irq_restore() no longer returns to the runtime (the interrupts it
+    # enables leave the block only while the machine has an interrupt waiting: st.irq_pending,
+    # 1 << IF then, masks the IF that this POPF sets.)
     changes = (1 << S.AC) | ((3 << S.IOPL_SHIFT) if _system_mode(e) else 0)
     go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(changes)))
+    if _system_mode(e):
+        enabled = e.and_(new, e.xor(old, e.c(0xFFFFFFFF)))
+        go = e.or_(go, e.and_(enabled, e.load_field(S.CPUState.irq_pending.offset, "i32")))
     e.exit_if(e.icmp("ne", go, e.c(0)),
               lambda: e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.left(after=True)))
 

@@ -68,6 +68,9 @@ class VirtualClock:
         self._heap = []
         self._seq = itertools.count()
         self.max_callbacks_per_poll = 100000
+        # on_earlier(): called when a timer is armed before every other deadline (the machine's
+        # time slice, computed from the old earliest deadline, must end sooner).
+        self.on_earlier = None
 
     @property
     def icount_mode(self):
@@ -94,10 +97,13 @@ class VirtualClock:
         return t
 
     def _arm(self, timer, when):
+        head = self.next_deadline() if self.on_earlier is not None else None
         seq = next(self._seq)
         timer.expires = when
         timer._seq = seq
         heapq.heappush(self._heap, (when, seq, timer))
+        if head is not None and when < head or head is None and self.on_earlier is not None:
+            self.on_earlier()
 
     def _clean(self):
         h = self._heap

@@ -15,7 +15,12 @@ from runtime.memory import GuestMemory
 from .callouts import HANDLERS
 from .syscpu import SystemCPU, TripleFault
 
-SLICE = 20_000
+# A slice runs until the next device deadline, within these bounds.  Each slice is a trip through
+# Python (devices, console, interrupt check): 20,000-instruction slices cost a warm boot ~640,000
+# of them.  An interrupt that becomes deliverable inside a slice ends it (st.irq_pending).
+MIN_SLICE = 2_000
+MAX_SLICE = 4_000_000
+SLICE_NS = 2_000_000    # host-clock mode: longest wall time a slice should take (console, timeout)
 TIMEOUT_STATUS = 124   # timeout(1)'s status for a command that ran out of time
 
 
@@ -49,15 +54,27 @@ class Machine:
                                   advance=self._charge_idle)
         out = serial_out or (lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
         self.pc = build_pc(self.bus, self.clock, ram_mb, out, on_reset=self._reset, on_exit=self._debug_exit,
-                           rtc_start_time=rtc_base)
+                           rtc_start_time=rtc_base, on_intr=self._intr)
         self.reset_exits = reset_exits
         self.halted = False
+        self._rate = 0.01       # guest instructions per host ns (EMA over slices; host-clock mode)
+        self.clock.on_earlier = self._deadline_moved
         from bt import tier2
         tier2.use_worker_process()      # the guest cannot see btvm's file descriptors here
 
     # ---- device callbacks ---------------------------------------------------------------------------
     def _charge_idle(self, ns):
         self.cpu.extra_ns += ns
+
+    def _intr(self, level):
+        # The INTR pin, where translated code and the run loop see it: with IF it ends the run
+        # (CPU.run), and a POPF that sets IF leaves its block (bt/semantics/flagops.py).
+        self.cpu.st.irq_pending = (1 << S.IF) if level else 0
+
+    def _deadline_moved(self):
+        # A device (an OUT to the PIT, say) armed a timer before the deadline the current slice
+        # runs to: end the slice after this instruction, so the timer fires on time.
+        self.cpu.end_slice = True
 
     def _reset(self):
         raise MachineExit(0, "guest requested a reset", reset=True)
@@ -123,6 +140,23 @@ class Machine:
             cpu.interrupt_shadow = False
         return cpu.interrupt_shadow
 
+    def _slice(self):
+        """Instructions to run before the machine looks at its devices again."""
+        if self._in_shadow():
+            return 1
+        clock = self.clock
+        if clock.icount_mode:
+            n = clock.insns_until_deadline()
+            return MAX_SLICE if n is None else min(MAX_SLICE, n)
+        ns = clock.ns_until_deadline()
+        ns = SLICE_NS if ns is None else min(ns, SLICE_NS)
+        return max(MIN_SLICE, min(MAX_SLICE, int(ns * self._rate)))
+
+    def _measure(self, done, ns):
+        """Feed one slice's speed into the rate that turns deadlines into instruction counts."""
+        if done > 1000 and ns > 0:
+            self._rate += (done / ns - self._rate) * 0.25
+
     def _exception_safe(self, fn):
         try:
             fn()
@@ -171,15 +205,15 @@ class Machine:
                     else:
                         self.clock.idle(max_ns=50_000_000)
                     continue
-                budget = SLICE
-                if self._in_shadow():
-                    budget = 1
+                budget = self._slice()
                 # The slice may end a block early (exact=False); the interrupt shadow's one
                 # instruction must be exact.
+                i0, t_run = cpu.icount, time.monotonic_ns()
                 stop = cpu.run(budget, exact=budget == 1)
+                self._measure(cpu.icount - i0, time.monotonic_ns() - t_run)
                 if budget == 1:
                     cpu.interrupt_shadow = False
-                if stop.reason == "max_instructions":
+                if stop.reason in ("max_instructions", "event"):
                     continue
                 if stop.reason == "hlt":
                     self.halted = True
