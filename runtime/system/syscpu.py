@@ -176,6 +176,20 @@ class SystemCPU(CPU):
     def read_lin32(self, lin, user=None):
         return int.from_bytes(self.read_lin(lin, 4, user), "little")
 
+    def read_lin_dwords(self, lin, count, user=None):
+        """count little-endian dwords at lin, as a list (interrupt frames, descriptors: the
+        commonest runtime reads, aligned and within a page of RAM, go straight to memory)."""
+        lin &= 0xFFFFFFFF
+        if not lin & 3 and (lin & 0xFFF) + 4 * count <= 0x1000:
+            user = self.cpl == 3 if user is None else user
+            phys = self._tlb_phys(lin, False, user)
+            if phys is None:
+                phys = self.translate(lin, False, user)[0]
+            if phys + 4 * count <= self.ram_size:
+                i = phys >> 2
+                return self._ram32()[i:i + count]
+        return list(struct.unpack(f"<{count}I", self.read_lin(lin, 4 * count, user)))
+
     def _phys_written(self, phys, n):
         """Guest bytes [phys, phys + n) were written: drop the translated blocks they overlap.
         Blocks elsewhere on the page stay, and so does the page's write trap while any block is
@@ -503,8 +517,7 @@ class SystemCPU(CPU):
         base, limit = (self.ldtr.base, self.ldtr.limit) if selector & 4 else self.gdtr
         if index + 7 > limit:
             raise GuestFault(exc, selector & 0xFFFC)
-        raw = self.read_lin(base + index, 8, user=False)
-        lo, hi = struct.unpack("<II", raw)
+        lo, hi = self.read_lin_dwords(base + index, 2, user=False)
         return lo, hi, base + index
 
     def load_segment(self, reg, selector):
@@ -684,7 +697,7 @@ class SystemCPU(CPU):
                        eip=self.st.eip)
         esp = self.reg("esp")
         ssb = self.segs[S.SS].base
-        eip, cs, fl = struct.unpack("<III", self.read_lin(ssb + esp, 12))
+        eip, cs, fl = self.read_lin_dwords(ssb + esp, 3)
         cs &= 0xFFFF
         seg, addr, hi = self.code_segment(cs)
         rpl = cs & 3
@@ -700,8 +713,8 @@ class SystemCPU(CPU):
             mask |= 1 << S.IF
         new_fl = (fl & mask) | (self.st.eflags & ~mask)
         if rpl > self.cpl:
-            new_esp = self.read_lin32(ssb + esp + 12)
-            new_ss = self.read_lin32(ssb + esp + 16) & 0xFFFF
+            new_esp, new_ss = self.read_lin_dwords(ssb + esp + 12, 2)
+            new_ss &= 0xFFFF
             self.set_cs(seg, rpl)
             self.set_eflags(new_fl)
             self.load_segment(S.SS, new_ss)
