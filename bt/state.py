@@ -134,6 +134,9 @@ class CPUState(ctypes.Structure):
         ("pg_large", ctypes.c_uint64),             # u8 per 4 MiB region: walked through a PSE entry
         ("pg_code", ctypes.c_uint64),              # u8 per physical page: holds translated code
         ("refill_store_slow", ctypes.c_uint64),    # the runtime's own store slow path
+        # ---- INVLPG in native code (bt/semantics/system.py, runtime/native_refill.py) ----
+        ("invlpg", ctypes.c_uint64),               # i32 (state*, u32 linear): 0 done, else call out
+        ("pg_interest", ctypes.c_uint64),          # u8 per linear page: the runtime must see its INVLPG
     ]
 
     def __init__(self, *args, **kw):

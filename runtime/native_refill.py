@@ -311,6 +311,45 @@ done:
 """
 
 
+def _invlpg_ir():
+    """INVLPG of a page the runtime holds nothing of (state.pg_interest) and that no 4 MiB page
+    maps (state.pg_large): its soft-TLB entries, in every privilege and kind, are dropped here.
+    Returns 1 (call out to the runtime) otherwise."""
+    o = S.offset
+    drops = "".join(f"""  %e{i}o = add i64 %s16, {o('tlb') + 16 * S.tlb_index(p, k)}
+  %e{i} = getelementptr i8, ptr %st, i64 %e{i}o
+  %t{i} = load i32, ptr %e{i}
+  %h{i} = icmp eq i32 %t{i}, %page
+  %n{i} = select i1 %h{i}, i32 {S.TLB_INVALID}, i32 %t{i}
+  store i32 %n{i}, ptr %e{i}
+""" for i, (p, k) in enumerate((p, k) for p in range(S.TLB_PRIVS) for k in range(S.TLB_KINDS)))
+    return f"""
+define i32 @btvm_invlpg(ptr %st, i32 %addr) nounwind {{
+entry:
+  %lp = getelementptr i8, ptr %st, i64 {o('pg_large')}
+  %lm = load ptr, ptr %lp
+  %di = lshr i32 %addr, 22
+  %di64 = zext i32 %di to i64
+  %lb = getelementptr i8, ptr %lm, i64 %di64
+  %large = load i8, ptr %lb
+  %small = icmp eq i8 %large, 0
+  br i1 %small, label %mine, label %py
+mine:
+{_page_byte(o, 'pg_interest', 'addr', 'held')}  %free = icmp eq i8 %held, 0
+  br i1 %free, label %drop, label %py
+drop:
+  %page = and i32 %addr, -4096
+  %pn = lshr i32 %addr, 12
+  %slot = and i32 %pn, {S.TLB_SIZE - 1}
+  %s64 = zext i32 %slot to i64
+  %s16 = shl i64 %s64, 4
+{drops}  ret i32 0
+py:
+  ret i32 1
+}}
+"""
+
+
 def _compiled(name, ir):
     if name not in _fns:
         mt = ModuleText(name)
@@ -337,6 +376,12 @@ def sys_store_refill_address():
     """Address of btvm_sys_store_refill, a store slow path with the signature of
     state.store_slow (the runtime's own one in refill_store_slow; pg_code set too)."""
     return _compiled("btvm_sys_store_refill", _sys_store_ir)
+
+
+def invlpg_address():
+    """Address of btvm_invlpg (state.invlpg): for a system machine whose state has pg_large and
+    pg_interest set."""
+    return _compiled("btvm_invlpg", _invlpg_ir)
 
 
 _WALK = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)

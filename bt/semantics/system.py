@@ -100,8 +100,26 @@ callout("descriptor", "lgdt", "lidt", "lldt", "ltr", "sgdt", "sidt", "sldt", "st
         does="reads or writes the virtual descriptor-table registers and MSW")
 callout("segcheck", "lar", "lsl", "verr", "verw", why=SENSITIVE + ": inspect descriptors",
         does="checks the selector against the virtual descriptor tables")
-callout("cache", "invlpg", "invd", "wbinvd", "clts", why=PRIVILEGED,
-        does="flushes the virtual TLB page / no-op for caches / clears CR0.TS")
+callout("cache", "invd", "wbinvd", "clts", why=PRIVILEGED,
+        does="flushes the virtual TLB page / no-op for caches / clears CR0.TS", table_as=("invlpg",))
+
+
+@sem("invlpg", ends_block=True, callout="cache", why=PRIVILEGED,
+     does="in ring 0 with paging, a native call drops the page's soft-TLB entries; the runtime is "
+          "called out to only when it holds something of the page (translated blocks, global "
+          "entries) or the page is in a 4 MiB region")
+def invlpg(e, insn):
+    # A Linux boot runs ~70,000 INVLPGs (kmap and fixmap slots), nearly all of pages without code.
+    # The block still ends here: a tier-2 region's memory windows were checked at block entry.
+    from .. import state as S
+    from ..sensitive import callout_id
+    if not e.key & S.KEY_PE or not e.key & S.KEY_PG or S.key_cpl(e.key) != 0:
+        return e.callout(callout_id("cache"))
+    m = insn.ops[0].mem
+    lin = e.f(e.linear(m.seg, e.ea(m)))
+    fn = e.load_field(S.offset("invlpg"), "ptr")
+    rc = e.op(f"call i32 {fn.s}(ptr %st, i32 {lin.s})", "i32")
+    e.exit_if(e.icmp("ne", rc, e.c(0)), lambda: e.callout(callout_id("cache")))
 callout("sysenter", "sysenter", "sysexit", why=SENSITIVE + ": fast system call, changes CPL",
         does="enters/leaves the kernel through the virtual SYSENTER MSRs")
 callout("movspecial", why="MOV to a segment register is sensitive; MOV CRn/DRn is privileged",

@@ -440,6 +440,9 @@ def cache(cpu, insn):
         else:
             cpu.tlb_flush_page(page)
         cpu.cache.invalidate_page(page, "unmap")
+        # Nothing of the page is left (blocks, decoded callouts, global entries): its next
+        # INVLPG can be done in translated code (bt/semantics/system.py invlpg).
+        cpu.lin_interest[page >> 12] = 0
     elif m == "clts":
         cpu.cr0 &= ~CR0_TS
         cpu.update_key()

@@ -12,7 +12,8 @@ import struct
 
 from bt import state as S
 from runtime.cpu import CPU, GuestFault, Stop
-from runtime.native_refill import drop_writes, sys_load_refill_address, sys_store_refill_address, walk
+from runtime.native_refill import (drop_writes, invlpg_address, sys_load_refill_address,
+                                   sys_store_refill_address, walk)
 
 from .descriptors import FULL, Segment, decode, INT_GATE, TRAP_GATE, TSS_AVAIL, TSS_BUSY, LDT
 from .tlb import TLBShadow
@@ -79,6 +80,13 @@ class SystemCPU(CPU):
         st.refill_store_slow = st.store_slow
         st.store_slow = sys_store_refill_address()
         self._drop_writes = drop_writes()
+        # Linear pages whose INVLPG the runtime must see (translated code or a remembered global
+        # TLB entry there); translated code drops the TLB entries of the others itself.  A byte
+        # is cleared only by that INVLPG (callouts.py cache), which leaves nothing of the page.
+        self.lin_interest = bytearray(1 << 20)
+        self._interest_view = (ctypes.c_uint8 * len(self.lin_interest)).from_buffer(self.lin_interest)
+        st.pg_interest = ctypes.addressof(self._interest_view)
+        st.invlpg = invlpg_address()
         self._native_walk = walk()
         self._sync_paging()
         self.cache.on_install = self._on_install
@@ -287,6 +295,8 @@ class SystemCPU(CPU):
         ent.tag = lin & 0xFFFFF000
         ent.addend = (self.mem.base + (phys & 0xFFFFF000) - (lin & 0xFFFFF000)) & 0xFFFFFFFFFFFFFFFF
         self.tlb_shadow.filled(i, ent.tag, ent.addend, phys & ~0xFFF, is_global, kind)
+        if is_global:
+            self.lin_interest[lin >> 12] = 1
 
     def tlb_flush(self, keep_global=False):
         """Empty the soft TLB; keep_global (a CR3 write with CR4.PGE) puts global entries back."""
@@ -402,7 +412,9 @@ class SystemCPU(CPU):
         (_code_page) only when it gets its first block, and the page may already hold blocks
         translated while it mapped another physical page (another address space)."""
         user = S.key_cpl(tb.key) == 3
+        interest = self.lin_interest
         for i, lin in enumerate(tb.pages):
+            interest[lin >> 12] = 1
             try:
                 phys = self.translate(tb.eip if i == 0 else lin, False, user, True)[0] & ~0xFFF
             except PageFault:
