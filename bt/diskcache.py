@@ -138,6 +138,26 @@ class Entry:
         self.tier = meta.get("tier", 1)
 
 
+def _matches(fetch, blocks):
+    """Whether guest memory holds each (address, bytes) of blocks: one fetch per page for the
+    blocks within a page (an entry's blocks are mostly a few pages of code), one per other block."""
+    spans = {}
+    for a, raw in blocks:
+        if (a & 0xFFF) + len(raw) <= 0x1000:
+            lo, hi = spans.get(a >> 12, (a, a))
+            spans[a >> 12] = (min(lo, a), max(hi, a + len(raw)))
+    got = {p: (lo, fetch(lo, hi - lo)) for p, (lo, hi) in spans.items()}
+    out = []
+    for a, raw in blocks:
+        span = got.get(a >> 12) if (a & 0xFFF) + len(raw) <= 0x1000 else None
+        if span is None:
+            out.append(fetch(a, len(raw)) == raw)
+        else:
+            lo, data = span
+            out.append(data[a - lo:a - lo + len(raw)] == raw)
+    return out
+
+
 class DiskCache:
     def __init__(self, root, fingerprint, max_bytes=None):
         self.root = Path(root)
@@ -223,8 +243,9 @@ class DiskCache:
         ent = self._parse(data, path, name)
         if ent is None or ent.meta.get("version") != self.version or ent.meta.get("key") != key:
             return None
-        for blk, _, _ in ent.blocks:
-            if fetch((blk.eip + delta) & 0xFFFFFFFF, len(blk.raw)) == blk.raw:
+        for blk, ok in zip((b for b, _, _ in ent.blocks), _matches(fetch, [((b.eip + delta) & 0xFFFFFFFF, b.raw)
+                                                                         for b, _, _ in ent.blocks])):
+            if ok:
                 ent.valid.add(blk.eip)
         if eip not in ent.valid or (ent.tier == 2 and len(ent.valid) != len(ent.blocks)):
             return None

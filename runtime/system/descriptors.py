@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 EMPTY, FULL = (0xFFFFFFFF, 0), (0, 0xFFFFFFFF)    # offset ranges (lo, hi); = bt.state.SEG_EMPTY/SEG_FULL
+_RANGES = {}
 
 
 @dataclass
@@ -41,6 +42,15 @@ class Segment:
     def ranges(self):
         """The valid offsets ((lo, hi) for reads, (lo, hi) for writes): an access of n bytes at
         offset o is allowed when lo <= o and o + n - 1 <= hi (SDM 5.3, 5.4.1, 5.5)."""
+        # Remembered by the fields they depend on: a kernel's entry and exit paths reload
+        # segment registers ~12,000 times in a Linux boot, each publishing all six ranges.
+        k = (self.usable, self.type, self.s, self.db, self.limit)
+        r = _RANGES.get(k)
+        if r is None:
+            r = _RANGES[k] = self._ranges()
+        return r
+
+    def _ranges(self):
         if not self.usable:
             return EMPTY, EMPTY
         if self.expand_down:

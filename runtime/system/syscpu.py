@@ -42,6 +42,12 @@ def _second_page(addr, size):
     return last & ~0xFFF if (addr ^ last) & ~0xFFF else last
 
 
+# The CR0 and EFLAGS bits the mode key depends on (SystemCPU.update_key).
+_KEY_CR0 = CR0_PE | CR0_PG | CR0_AM | CR0_EM | CR0_TS | CR0_MP
+_KEY_EFLAGS = (3 << S.IOPL_SHIFT) | (1 << S.AC)
+_KEYS = {}
+
+
 class SystemCPU(CPU):
     """An i686 in protected mode (no real mode yet) over guest-physical RAM."""
 
@@ -313,9 +319,19 @@ class SystemCPU(CPU):
         self.tlb_shadow.drop_page(page)
 
     def _fetch(self, addr, n):
+        user = self.cpl == 3
+        if (addr & 0xFFF) + n <= 0x1000:
+            # Within a page (nearly every block and window): one translation, one read.
+            phys = self._tlb_phys(addr, False, user)
+            if phys is None:
+                try:
+                    phys = self.translate(addr, False, user, True)[0]
+                except PageFault:
+                    return b""
+            if phys + n <= self.ram_size:
+                return self.mem.read(phys, n)
         out = bytearray()
         a = addr
-        user = self.cpl == 3
         while len(out) < n:
             phys = self._tlb_phys(a, False, user)
             if phys is None:
@@ -483,17 +499,21 @@ class SystemCPU(CPU):
         self.update_key()
 
     def update_key(self):
-        cpl = self.segs[S.CS].selector & 3 if self.cr0 & CR0_PE else 0
+        cs, cr0 = self.segs[S.CS], self.cr0
+        cpl = cs.selector & 3 if cr0 & CR0_PE else 0
         cpl = self._cpl_override if getattr(self, "_cpl_override", None) is not None else cpl
         flat, fs_full = self._seg_flags if self._seg_flags is not None else self._segment_flags()
-        key = S.make_key(cs32=self.segs[S.CS].db, pe=bool(self.cr0 & CR0_PE), pg=bool(self.cr0 & CR0_PG),
-                         cpl=cpl, flat=flat, iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3, fs_full=fs_full,
-                         ac=bool(self.cr0 & CR0_AM and self.st.eflags & (1 << S.AC)))
-        key |= self.key & S.KEY_STEP
-        key |= (S.KEY_FPU_EM if self.cr0 & CR0_EM else 0) | (S.KEY_FPU_TS if self.cr0 & CR0_TS else 0) \
-            | (S.KEY_FPU_MP if self.cr0 & CR0_MP else 0)
-        if key != self.key and S.key_cpl(key) != S.key_cpl(self.key):
-            pass   # TLB entries are kept per privilege: nothing to flush
+        # IRET, STI/POPF callouts and segment loads call this ~50,000 times in a Linux boot.
+        sig = (cpl, cs.db, cr0 & _KEY_CR0, flat, fs_full, self.st.eflags & _KEY_EFLAGS, self.key & S.KEY_STEP)
+        key = _KEYS.get(sig)
+        if key is None:
+            key = S.make_key(cs32=cs.db, pe=bool(cr0 & CR0_PE), pg=bool(cr0 & CR0_PG), cpl=cpl, flat=flat,
+                             iopl=(self.st.eflags >> S.IOPL_SHIFT) & 3, fs_full=fs_full,
+                             ac=bool(cr0 & CR0_AM and self.st.eflags & (1 << S.AC)))
+            key |= self.key & S.KEY_STEP
+            key |= (S.KEY_FPU_EM if cr0 & CR0_EM else 0) | (S.KEY_FPU_TS if cr0 & CR0_TS else 0) \
+                | (S.KEY_FPU_MP if cr0 & CR0_MP else 0)
+            _KEYS[sig] = key
         self.set_key(key)
 
     @property
@@ -558,7 +578,7 @@ class SystemCPU(CPU):
                 raise GuestFault(NP, selector & 0xFFFC)
         self._set_accessed(addr, hi)
         self.segs[reg] = seg
-        self.sync_segments()
+        self.sync_segments(reg)
 
     def seg_linear(self, seg, off, size, write=False):
         """The linear address of a size-byte access at offset off through segment register seg,
