@@ -137,6 +137,10 @@ class CPUState(ctypes.Structure):
         # ---- INVLPG in native code (bt/semantics/system.py, runtime/native_refill.py) ----
         ("invlpg", ctypes.c_uint64),               # i32 (state*, u32 linear): 0 done, else call out
         ("pg_interest", ctypes.c_uint64),          # u8 per linear page: the runtime must see its INVLPG
+        # ---- IRET in translated code (bt/semantics/system.py iret) ----
+        ("gdt_base", ctypes.c_uint32),             # GDTR
+        ("gdt_limit", ctypes.c_uint32),
+        ("cs_desc", ctypes.c_uint32 * 2),          # the descriptor CS was loaded from (0, 0: none)
     ]
 
     def __init__(self, *args, **kw):

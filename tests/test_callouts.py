@@ -502,6 +502,36 @@ def test_iret_same_ring_restores_flags():
     assert out[0] & (IOPL3 | CF | IF) == IOPL3 | CF and out[1] == 0x08
 
 
+def _iret_here(n, flags):
+    """A ring-0 IRET to the next instruction with the given EFLAGS in its frame."""
+    return (f"    push {flags:#x}\n    push 0x08\n    mov eax, back{n}\n    push eax\n    iretd\nback{n}:\n")
+
+
+@pytest.mark.parametrize("flags,before,runtime_calls", [
+    (0x8D5, "", 0),                              # the status flags; IF clear: inline
+    (0x244602, "", 0),                           # ID AC NT DF IF: inline
+    (0x3002, "", 1),                             # IOPL 3 changes the mode key: the runtime
+    (0x202, "    or byte ptr [gdt + 14], 0x10\n", 1),  # CS's GDT entry changed (AVL) since CS was loaded
+])
+def test_iret_in_ring0_inline_or_through_the_runtime(monkeypatch, flags, before, runtime_calls):
+    # The inline IRET (bt/semantics/system.py iretd) must do what the runtime's does (SDM IRET:
+    # EFLAGS from the frame under the CPL-0 mask, RF not loaded, ESP past the frame) and leave the
+    # cases it cannot prove unchanged (another descriptor, IOPL, TF) to the runtime.
+    from runtime.system import callouts
+    calls = []
+    real = callouts.HANDLERS["iret"]
+    monkeypatch.setitem(callouts.HANDLERS, "iret", lambda cpu, insn: calls.append(1) or real(cpu, insn))
+    body = ("    cli\n    mov ecx, esp\n" + before + _iret_here(1, flags) + "    pushfd\n    pop eax\n" + store(0)
+            + "    mov eax, esp\n    sub eax, ecx\n" + store(1) + "    push 0x2\n    popfd\n"
+            + _iret_here(2, 0x2) + "    mov eax, cs\n" + store(2))
+    res, r, out = run(body, prelude=False)
+    completed(res, r)
+    mask = 0x244DD5 | 0x2 | 0x3000 | 0x200
+    assert out[0] == (flags & mask) | 0x2, hex(out[0])
+    assert out[1] == 0 and out[2] == 0x08
+    assert len(calls) == runtime_calls      # the second IRET (frame EFLAGS 0x2) is inline in every case
+
+
 def test_iret_to_ring3_switches_stack_and_nulls_ring0_data_segments():
     # DS is null now: read it, then reload it before storing (an access through it is #GP(0)).
     body = "    mov ecx, ds\n    mov ax, 0x23\n    mov ds, ax\n    mov es, ax\n" + store(0, "ecx") \

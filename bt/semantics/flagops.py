@@ -60,11 +60,16 @@ def _popf(e, insn):
     old = eflags_value(e)
     new = e.or_(e.and_(v, e.c(mask)), e.and_(old, e.c(~mask)))
     e.set_reg32(ESP, esp)
+    set_eflags_value(e, new)
+    return new, old
+
+
+def set_eflags_value(e, new):
+    """Make the i32 new the architectural EFLAGS (RF cleared: POPF and IRET do not load it)."""
     for f, b in S.FLAG_BIT.items():
         e.set_flag(f, e.bit(new, b))
     keep = S.STATUS_MASK | (1 << S.DF)
     e.set_eflags_other(e.or_(e.and_(new, e.c(~keep & ~(1 << S.RF))), e.c(S.EFLAGS_FIXED1)))
-    return new, old
 
 
 def _system_mode(e):

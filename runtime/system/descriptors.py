@@ -1,5 +1,5 @@
 """Segment descriptors and the descriptor cache of a segment register (SDM Vol. 3A, 3.4-3.5)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EMPTY, FULL = (0xFFFFFFFF, 0), (0, 0xFFFFFFFF)    # offset ranges (lo, hi); = bt.state.SEG_EMPTY/SEG_FULL
 _RANGES = {}
@@ -18,6 +18,9 @@ class Segment:
     db: bool = False        # D/B: 32-bit code / 32-bit stack
     granular: bool = False
     usable: bool = True     # False after loading a null selector: every access is #GP(0)
+    # The two dwords it was decoded from (None: made by the VMM, e.g. SYSENTER's flat CS);
+    # translated IRETs compare CS's with the GDT (bt/semantics/system.py iret).
+    raw: tuple = field(default=None, compare=False, repr=False)
 
     @property
     def is_code(self):
@@ -78,7 +81,7 @@ def decode(lo, hi, selector=0):
     if granular:
         limit = (limit << 12) | 0xFFF
     return Segment(selector, base, limit, (hi >> 8) & 0xF, bool(hi & (1 << 12)), (hi >> 13) & 3,
-                   bool(hi & (1 << 15)), bool(hi & (1 << 22)), granular)
+                   bool(hi & (1 << 15)), bool(hi & (1 << 22)), granular, raw=(lo, hi))
 
 
 # System descriptor / gate types.

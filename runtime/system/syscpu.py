@@ -57,7 +57,7 @@ class SystemCPU(CPU):
         self._seg_flags = None      # (FLAT, FS_FULL) as of the last sync_segments
         self.cr0, self.cr2, self.cr3, self.cr4 = CR0_PE | CR0_ET, 0, 0, 0
         self.dr = [0] * 8
-        self.gdtr = (0, 0)      # (base, limit)
+        self._gdtr = (0, 0)
         self.idtr = (0, 0x3FF)
         self.ldtr = Segment(0, 0, 0, LDT, False)
         self.tr = Segment(0, 0, 0x67, TSS_BUSY, False)
@@ -99,6 +99,16 @@ class SystemCPU(CPU):
         self.cache.is_global = self._maps_global
         self.on_single_step = SystemCPU.single_step_trap
         self.sync_segments()
+        self.gdtr = (0, 0)      # (base, limit)
+
+    @property
+    def gdtr(self):
+        return self._gdtr
+
+    @gdtr.setter
+    def gdtr(self, v):
+        self._gdtr = v
+        self.st.gdt_base, self.st.gdt_limit = v
 
     # ---- physical memory ------------------------------------------------------------
     def read_phys(self, addr, n):
@@ -537,6 +547,8 @@ class SystemCPU(CPU):
                 continue
             st.seg_base[i] = seg.base
             st.seg_sel[i] = seg.selector
+            if i == S.CS:
+                st.cs_desc[0], st.cs_desc[1] = seg.raw or (0, 0)
             (st.seg_lo[i], st.seg_hi[i]), (st.seg_lo[6 + i], st.seg_hi[6 + i]) = seg.ranges()
         # Kept for update_key, which EFLAGS and CR0 writes call far more often than segments change.
         self._seg_flags = self._segment_flags()
@@ -755,8 +767,8 @@ class SystemCPU(CPU):
         else:
             self.set_reg("esp", esp + 12)
             seg.selector = (seg.selector & ~3) | rpl
-            if seg != self.segs[S.CS]:          # a kernel's interrupt returns keep their CS
-                self.set_cs(seg, rpl, alone=True)
+            if seg != self.segs[S.CS] or seg.raw != self.segs[S.CS].raw:
+                self.set_cs(seg, rpl, alone=True)   # a kernel's interrupt returns keep their CS
             self.set_eflags(new_fl)
         self.set_reg("eip", eip)
 
