@@ -153,12 +153,26 @@ def test_index_logs_are_merged(tmp_path):
         _run(PROGRAM_A, tmp_path, BTVM_NO_CACHE="")
     (index,) = _index_dirs(tmp_path)
     for i in range(diskcache.MERGE_AT):
-        (index / f"junk{i}.log").write_bytes(b"\x01" * 7)     # a torn record: ignored
+        (index / f"flat-junk{i}.log").write_bytes(b"\x01" * 7)     # a torn record: ignored
     _run(PROGRAM_A, tmp_path)
     logs = list(index.glob("*.log"))
     assert len(logs) <= 2             # the merged one and this run's own (if it stored anything)
     again = _run(PROGRAM_A, tmp_path)
     assert again["compiled"] == 0
+
+
+def test_index_partitions_are_read_apart(tmp_path):
+    # A user-mode run reads only the records of unpaged code, not those of the kernels it
+    # shares the cache folder with (and a guest OS reads both).
+    from bt import diskcache, state as S
+    paged, flat = S.make_key(pg=True), S.make_key(cpl=3)
+    diskcache.DiskCache(tmp_path, "x")._append_index([(0x1000, paged, b"w" * 8, b"n" * 32, 1),
+                                                      (0x2000, flat, b"v" * 8, b"m" * 32, 1)])
+    fresh = diskcache.DiskCache(tmp_path, "x")
+    assert fresh.has(0x2000, flat, b"") is False          # another window
+    idx = fresh.index(flat)
+    assert (0x2000, flat, b"v" * 8) in idx and (0x1000, paged, b"w" * 8) not in idx
+    assert (0x1000, paged, b"w" * 8) in fresh.index(paged)
 
 
 def test_concurrent_writers(tmp_path):
