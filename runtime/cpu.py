@@ -147,6 +147,7 @@ class CPU:
         self.step_event = False
         self.debug_shadow = False
         self.end_slice = False      # set by a machine's device: the run returns Stop("event")
+        self.after_io = None        # a machine's check after each port I/O instruction
 
     # ---- registers --------------------------------------------------------------
     def reg(self, name):

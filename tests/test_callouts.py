@@ -18,6 +18,7 @@ import time
 import pytest
 
 from bt import sensitive
+from bt import state as S
 from runtime.system.machine import Machine
 from tests.test_system import PAGING, RESULTS, build
 
@@ -500,6 +501,67 @@ def test_iret_same_ring_restores_flags():
     res, r, out = run(body, prelude=False)
     completed(res, r)
     assert out[0] & (IOPL3 | CF | IF) == IOPL3 | CF and out[1] == 0x08
+
+
+def test_a_timer_is_not_late_behind_port_io_in_a_slice():
+    # A slice runs to the next deadline in instructions, but each IN/OUT also costs virtual time
+    # (1 us): a polling loop must still see the one-shot IRQ0 (256 ticks, ~215 us) on time, not
+    # ~4M instructions (4 s of I/O) later.
+    body = PIC_AND_ONE_SHOT.format(imr=0xFE).replace("mov ecx, 300000", "mov ecx, 1") + \
+        "    xor ecx, ecx\n    sti\npoll:\n    in al, 0x80\n    inc ecx\n    jmp poll\n"
+    m = Machine(ram_mb=8, serial_out=bytearray().extend, icount=True)
+    try:
+        m.load_multiboot(build(body))
+        m.run()
+        assert struct.unpack("<I", m.cpu.read_phys(RESULTS, 4))[0] == 0x20
+        assert 150 < m.cpu.reg("ecx") < 300, m.cpu.reg("ecx")
+    finally:
+        m.close()
+
+
+def test_slices_ending_at_timer_deadlines_do_not_single_step(monkeypatch):
+    # A 10 kHz PIT in icount mode: slices end near each deadline, a block short at most; the
+    # remainder must not run one instruction at a time (KEY_STEP translations at random places).
+    irq0 = ("    jmp setup\nirq0:\n    push eax\n    mov al, 0x20\n    out 0x20, al\n"
+            f"    inc dword ptr [{OUT:#x}]\n    pop eax\n    iretd\nsetup:\n    mov eax, irq0\n"
+            "    mov word ptr [idt + 0x20*8], ax\n    shr eax, 16\n    mov word ptr [idt + 0x20*8 + 6], ax\n")
+    pit = PIC_AND_ONE_SHOT.format(imr=0xFE).replace("mov al, 0x30", "mov al, 0x34").replace(
+        "mov al, 0\n    out 0x40, al\n    mov al, 1\n", "mov al, 119\n    out 0x40, al\n    mov al, 0\n").replace(
+        "mov ecx, 300000", "mov ecx, 1")
+    loop = "".join(f"    add {r}, {i}\n" for i, r in enumerate(("eax", "ecx", "edx", "esi", "edi", "ebp") * 2))
+    body = irq0 + pit + f"    sti\nmain:\n{loop}    cmp dword ptr [{OUT:#x}], 500\n    jb main\n    cli\n"
+    m = Machine(ram_mb=8, serial_out=bytearray().extend, icount=True)
+    try:
+        m.load_multiboot(build(body))
+        m.run()
+        assert struct.unpack("<I", m.cpu.read_phys(OUT, 4))[0] >= 500
+        assert not [k for _, k in m.cpu.cache.blocks if k & S.KEY_STEP]
+    finally:
+        m.close()
+
+
+def test_inline_iret_refuses_a_cs_the_vmm_made_whose_gdt_entry_is_empty():
+    # After SYSENTER, CS holds a descriptor the VMM made (not read from the GDT): an IRET to that
+    # selector must read the GDT, find it empty (not a code segment) and fault, as the runtime
+    # does.  The #GP cannot be delivered through the same selector either: a triple fault.
+    body = ("    cli\n    mov ecx, 0x174\n    mov eax, 0x08\n    xor edx, edx\n    wrmsr\n"
+            "    mov ecx, 0x175\n    mov eax, esp\n    wrmsr\n    mov ecx, 0x176\n    mov eax, after_se\n"
+            "    wrmsr\n    sysenter\nafter_se:\n    mov dword ptr [gdt + 8], 0\n    mov dword ptr [gdt + 12], 0\n"
+            + _iret_here(1, 0x2) + "    mov eax, 0x1234\n" + store(0))
+    res, r, out = run(body, prelude=False)
+    assert "triple fault" in res.message and out[0] != 0x1234
+
+
+def test_popf_in_ring3_with_iopl3_takes_a_pending_interrupt_at_once():
+    # At CPL 3 with IOPL 3 POPF may set IF: a pending IRQ is taken right after it.  The third pass
+    # (the first two warm the blocks up and chain them) waits for the IRQ with IF clear.
+    ring0 = PIC_AND_ONE_SHOT.format(imr=0xFE).replace("    mov ecx, 300000\nwait_irq:\n    dec ecx\n    jnz wait_irq\n", "")
+    code = ("    xor ebx, ebx\ntop:\n    push 0x3002\n    popfd\n    mov ecx, 10\n    cmp ebx, 2\n    jne w3\n"
+            "    mov ecx, 300000\nw3:\n    dec ecx\n    jnz w3\n    mov eax, en3\n" + store(0)
+            + "    push 0x3202\n    popfd\nen3:\n    mov ecx, 1000\nl3:\n    dec ecx\n    jnz l3\n"
+            "    inc ebx\n    cmp ebx, 3\n    jb top\n")
+    res, r, out = run(ring0 + to_ring3(code, eflags=0x3002), prelude=False)
+    assert r["vector"] == 0x20 and r["cs"] == 0x1B and r["eip"] == out[0], (hex(r["eip"]), hex(out[0]))
 
 
 def _iret_here(n, flags):

@@ -100,7 +100,7 @@ def popf(e, insn):
     # 1 << IF then, masks the IF that this POPF sets.)
     changes = (1 << S.AC) | ((3 << S.IOPL_SHIFT) if _system_mode(e) else 0)
     go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(changes)))
-    if _system_mode(e):
+    if e.key & S.KEY_PE and popf_mask(e.key, insn.opsize) & (1 << S.IF):
         enabled = e.and_(new, e.xor(old, e.c(0xFFFFFFFF)))
         go = e.or_(go, e.and_(enabled, e.load_field(S.CPUState.irq_pending.offset, "i32")))
     e.exit_if(e.icmp("ne", go, e.c(0)),

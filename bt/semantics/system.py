@@ -73,9 +73,11 @@ def iretd(e, insn):
     lo = e.load(e.linear(S.DS, at), 4)
     hi = e.load(e.linear(S.DS, e.add(at, e.c(4))), 4)
     # The accessed bit aside (a far JMP sets it in memory after loading CS; it changes nothing).
+    # A present code segment (cs_desc is (0, 0) when the VMM made CS, as SYSENTER does).
     cached = e.and_(e.icmp("eq", lo, e.load_field(S.offset("cs_desc"), "i32")),
                     e.icmp("eq", e.and_(e.xor(hi, e.load_field(S.offset("cs_desc") + 4, "i32")), e.c(~0x100)),
                            e.c(0)))
+    cached = e.and_(cached, e.icmp("eq", e.and_(hi, e.c(0x9800)), e.c(0x9800)))
     e.exit_if(e.icmp("eq", e.zext(cached, "i32"), e.c(0)), out)
     new = e.or_(e.and_(fl, e.c(_IRET_MASK)), e.and_(old, e.c(~_IRET_MASK)))
     # IOPL is in the mode key, and TF makes the run loop single-step: the runtime does those.

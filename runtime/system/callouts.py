@@ -196,6 +196,8 @@ def io(cpu, insn):
     if not cpu.io_allowed(port, size):
         raise GuestFault(GP, 0)
     cpu.extra_ns += IO_NS
+    if cpu.after_io is not None:
+        cpu.after_io()
     bus = cpu.io
     if m == "in":
         _reg_write(cpu, Reg(0, size), bus.read(port, size) if bus else (1 << (8 * size)) - 1)

@@ -9,6 +9,7 @@ Linux kernel without ACPI power off.
 import sys
 
 from bt import state as S
+from bt.decode import MAX_BLOCK_INSNS
 from runtime.cpu import GuestFault, Stop
 from runtime.memory import GuestMemory
 
@@ -58,6 +59,8 @@ class Machine:
         self.reset_exits = reset_exits
         self.halted = False
         self._rate = 0.01       # guest instructions per host ns (EMA over slices; host-clock mode)
+        self._slice_end = None
+        self.cpu.after_io = self._after_io
         self.clock.on_earlier = self._deadline_moved
         from bt import tier2
         tier2.use_worker_process()      # the guest cannot see btvm's file descriptors here
@@ -141,16 +144,28 @@ class Machine:
         return cpu.interrupt_shadow
 
     def _slice(self):
-        """Instructions to run before the machine looks at its devices again."""
+        """Instructions to run before the machine looks at its devices again; sets the time the
+        slice should end by (_slice_end, virtual ns), which port I/O checks (_after_io)."""
         if self._in_shadow():
+            self._slice_end = None
             return 1
         clock = self.clock
+        deadline = clock.next_deadline()
         if clock.icount_mode:
+            self._slice_end = deadline
             n = clock.insns_until_deadline()
-            return MAX_SLICE if n is None else min(MAX_SLICE, n)
-        ns = clock.ns_until_deadline()
-        ns = SLICE_NS if ns is None else min(ns, SLICE_NS)
-        return max(MIN_SLICE, min(MAX_SLICE, int(ns * self._rate)))
+            # At least a whole block: a shorter budget would make the run loop translate the
+            # block it stopped at one instruction at a time (KEY_STEP), wherever the guest is.
+            return MAX_SLICE if n is None else max(MAX_BLOCK_INSNS, min(MAX_SLICE, n))
+        now = clock.now_ns()
+        self._slice_end = now + SLICE_NS if deadline is None else min(deadline, now + SLICE_NS)
+        return max(MIN_SLICE, min(MAX_SLICE, int((self._slice_end - now) * self._rate)))
+
+    def _after_io(self):
+        # Port I/O costs virtual time (IO_NS) and, in host-clock mode, much wall time: a slice
+        # of polling loops would run far past the deadline it was sized for.
+        if self._slice_end is not None and self.clock.now_ns() >= self._slice_end:
+            self.cpu.end_slice = True
 
     def _measure(self, done, ns):
         """Feed one slice's speed into the rate that turns deadlines into instruction counts."""
@@ -209,6 +224,7 @@ class Machine:
                 # The slice may end a block early (exact=False); the interrupt shadow's one
                 # instruction must be exact.
                 i0, t_run = cpu.icount, time.monotonic_ns()
+                cpu.end_slice = False       # a timer re-armed between slices (run_due) is in budget
                 stop = cpu.run(budget, exact=budget == 1)
                 self._measure(cpu.icount - i0, time.monotonic_ns() - t_run)
                 if budget == 1:
