@@ -686,19 +686,21 @@ class CodeCache:
         """bt.lazyflags.flags_live of every block the region's members may jump to directly: an
         exit leaves the flags lazy only where its successors do not need them at once."""
         blocks = {blk.eip: blk for _, blk in region}
-        out = {}
-        for blk in list(blocks.values()):
-            for t in static_successors(blk):
-                if t in out:
-                    continue
+        memo = {}
+
+        def live_at(t, depth=0):
+            if t not in memo:
+                memo[t] = True          # while it is being worked out (a cycle): needed
                 succ = blocks.get(t)
-                if succ is None:
+                if succ is None and depth < 4:
                     try:
                         succ = self._decode(t, key)
                     except Exception:
-                        continue
-                out[t] = lazyflags.flags_live(succ.insns)
-        return out
+                        succ = None
+                if succ is not None:
+                    memo[t] = lazyflags.flags_live(succ.insns, lambda a: live_at(a, depth + 1))
+            return memo[t]
+        return {t: live_at(t) for blk in list(blocks.values()) for t in static_successors(blk)}
 
     @staticmethod
     def _decoded(tb):

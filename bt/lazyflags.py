@@ -28,24 +28,34 @@ def code(kind, t):
     return 1 + KINDS.index(kind) * len(_TYPES) + _TYPES.index(t)
 
 
-def flags_live(insns):
+def flags_live(insns, live_at=None):
     """Whether a block that starts with insns needs EFLAGS' status flags as it is entered: it
-    reads one, or writes only some (the rest are then packed with them), before it writes all
-    six; or it touches none (they live on past it).  Lazy flags left for such a block would be
-    folded in by a call at its start, which costs more than packing them at the exit before."""
+    reads one before it writes all six, or it ends with only some of them written (its exits
+    then pack the rest with them).  Lazy flags left for such a block would be folded in by a
+    call, which costs more than packing them at the exit before.  A write of some flags that a
+    write of all six follows is not a use (only an exit between them, a fault say, folds them
+    in).  A block that touches no flag and ends with a direct JMP (or runs on into the next
+    block) needs them as its successor does: live_at(address), if given."""
     from .semantics import TABLE
+    status, partial = set(STATUS), False
     for insn in insns:
         info = TABLE.get(insn.id)
         if info is None:
             return True
         read, written = set(info.flags_read.split()), set(info.flags_written.split())
-        if read & set(STATUS):
+        if read & status:
             return True
-        if written >= set(STATUS):
+        if written >= status:
             return False
-        if written & set(STATUS) or info.ends_block:
-            return True
-    return True
+        partial = partial or bool(written & status)
+        if info.ends_block:
+            if live_at is None or partial or insn.mnemonic != "jmp" or not insn.relative:
+                return True
+            return live_at(insn.ops[0].imm & (0xFFFF if insn.opsize == 2 else 0xFFFFFFFF))
+    if live_at is None or partial or not insns:
+        return True
+    last = insns[-1]
+    return live_at((last.addr + last.size) & 0xFFFFFFFF)
 
 
 def materializer_ir():

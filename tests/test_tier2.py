@@ -328,6 +328,45 @@ def test_lazy_flags_left_by_a_region_read_by_the_next_block(promote, op, mask):
     _region_matches_unicorn(code, blocks=2)
 
 
+@pytest.mark.parametrize("head", ["", "adc esi, 0"], ids=["overwritten", "read"])
+def test_lazy_flags_through_a_block_that_touches_none(promote, monkeypatch, head):
+    # sha256's round loop: CMP; JE leaves the loop, and the block it falls into touches no flag
+    # and JMPs back to a block that writes CF/OF (ROR) before it writes all six (XOR).  The flags
+    # are dead across both exits, so the region leaves them lazy there; with `head` reading CF
+    # at the loop's top they are live and packed.  Either way the result is Unicorn's.
+    promote(8)
+    live = {}
+    real = C.CodeCache._flags_live
+    monkeypatch.setattr(C.CodeCache, "_flags_live", lambda self, region, key: live.update(
+        r := real(self, region, key)) or r)
+    code = asm(f"""
+        mov ecx, 0x12345678
+        xor ebp, ebp
+        xor esi, esi
+        mov ebx, 1
+    top:
+        {head}
+        mov edx, ecx
+        ror edx, 6
+        xor edx, esi
+        add esi, edx
+        inc ebp
+        cmp ebp, 50
+        je done
+        mov ecx, edx
+        jmp top
+    done:
+        pushfd
+        pop eax
+        and eax, 0x8D5
+        add eax, esi
+        hlt
+    """, 0x1000)
+    _region_matches_unicorn(code, blocks=2)
+    top = 0x1000 + len(asm("mov ecx, 0x12345678; xor ebp, ebp; xor esi, esi; mov ebx, 1", 0x1000))
+    assert live.get(top) is (head != ""), live
+
+
 @pytest.mark.parametrize("esp", [0x7800, 0x7FF0], ids=["one-page", "crossing"])
 def test_stack_window_of_a_region_matches_unicorn(promote, esp):
     # [esp + disp] operands of a region's block share one TLB check at its entry
