@@ -189,3 +189,26 @@ pt_fill:
     or eax, 0x80010000
     mov cr0, eax
 """
+
+
+def pic_and_pit(imr=0xFE, mode=0, count=256):
+    """Ring-0 code that initialises the master 8259 (IRQs at vectors 0x20-0x27, mask imr) and
+    starts 8254 channel 0 in mode (0: one-shot, 2: rate generator) with count."""
+    return f"""
+    mov al, 0x11
+    out 0x20, al
+    mov al, 0x20
+    out 0x21, al
+    mov al, 4
+    out 0x21, al
+    mov al, 1
+    out 0x21, al
+    mov al, {imr:#x}
+    out 0x21, al
+    mov al, {0x30 | mode << 1:#x}
+    out 0x43, al
+    mov al, {count & 0xFF:#x}
+    out 0x40, al
+    mov al, {count >> 8 & 0xFF:#x}
+    out 0x40, al
+"""

@@ -20,7 +20,7 @@ import pytest
 from bt import sensitive
 from bt import state as S
 from runtime.system.machine import Machine
-from tests.test_system import PAGING, RESULTS, build
+from tests.test_system import PAGING, RESULTS, build, pic_and_pit
 
 OUT = 0x300100          # dwords the bodies store
 GOOD = 0x600D
@@ -429,51 +429,16 @@ def test_cli_sti_in_ring0():
 
 
 def test_hlt_in_ring0_waits_for_the_timer_interrupt():
-    body = """
-    mov al, 0x11
-    out 0x20, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 4
-    out 0x21, al
-    mov al, 1
-    out 0x21, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0x9b
-    out 0x40, al
-    mov al, 0x2e
-    out 0x40, al
-    mov eax, after_hlt
-""" + store(0) + "    sti\n    hlt\nafter_hlt:\n    jmp after_hlt\n"
+    body = pic_and_pit(0xFE, 2, 0x2E9B) + "    mov eax, after_hlt\n" + store(0) + \
+        "    sti\n    hlt\nafter_hlt:\n    jmp after_hlt\n"
     res, r, out = run(body, prelude=False)
     assert r["vector"] == 0x20 and r["eip"] == out[0] and r["eflags"] & IF
 
 
-PIC_AND_ONE_SHOT = """
-    mov al, 0x11
-    out 0x20, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 4
-    out 0x21, al
-    mov al, 1
-    out 0x21, al
-    mov al, {imr:#x}
-    out 0x21, al
-    mov al, 0x30
-    out 0x43, al
-    mov al, 0
-    out 0x40, al
-    mov al, 1
-    out 0x40, al
-    mov ecx, 300000
-wait_irq:
-    dec ecx
-    jnz wait_irq
-"""
+def _one_shot(imr, wait=300000):
+    """The PIT's one-shot IRQ0 (256 ticks: ~215,000 instructions at icount's 1 ns each), then a
+    loop of `wait` iterations (interrupts disabled, they are on entry)."""
+    return pic_and_pit(imr, 0, 256) + (f"    mov ecx, {wait}\nwait_irq:\n    dec ecx\n    jnz wait_irq\n" if wait else "")
 
 
 @pytest.mark.parametrize("imr,enable", [
@@ -488,7 +453,7 @@ def test_an_interrupt_made_deliverable_is_taken_at_the_next_instruction_boundary
     # once IF (or, here, the PIC's mask) allows it, not at the end of btvm's time slice.  The PIT
     # (one-shot, 256 ticks: ~215,000 instructions at icount's 1 ns each) raises IRQ0 while the
     # loop waits 600,000 instructions with interrupts disabled.
-    body = PIC_AND_ONE_SHOT.format(imr=imr) + "    mov eax, enabled\n" + store(0) + f"    {enable}\nenabled:\n" + \
+    body = _one_shot(imr) + "    mov eax, enabled\n" + store(0) + f"    {enable}\nenabled:\n" + \
         "    mov ecx, 100000\nlate:\n    dec ecx\n    jnz late\n"
     res, r, out = run(body, prelude=False)
     assert r["vector"] == 0x20 and r["cs"] == 0x08, r
@@ -507,7 +472,7 @@ def test_a_timer_is_not_late_behind_port_io_in_a_slice():
     # A slice runs to the next deadline in instructions, but each IN/OUT also costs virtual time
     # (1 us): a polling loop must still see the one-shot IRQ0 (256 ticks, ~215 us) on time, not
     # ~4M instructions (4 s of I/O) later.
-    body = PIC_AND_ONE_SHOT.format(imr=0xFE).replace("mov ecx, 300000", "mov ecx, 1") + \
+    body = _one_shot(0xFE, wait=0) + \
         "    xor ecx, ecx\n    sti\npoll:\n    in al, 0x80\n    inc ecx\n    jmp poll\n"
     m = Machine(ram_mb=8, serial_out=bytearray().extend, icount=True)
     try:
@@ -525,9 +490,7 @@ def test_slices_ending_at_timer_deadlines_do_not_single_step(monkeypatch):
     irq0 = ("    jmp setup\nirq0:\n    push eax\n    mov al, 0x20\n    out 0x20, al\n"
             f"    inc dword ptr [{OUT:#x}]\n    pop eax\n    iretd\nsetup:\n    mov eax, irq0\n"
             "    mov word ptr [idt + 0x20*8], ax\n    shr eax, 16\n    mov word ptr [idt + 0x20*8 + 6], ax\n")
-    pit = PIC_AND_ONE_SHOT.format(imr=0xFE).replace("mov al, 0x30", "mov al, 0x34").replace(
-        "mov al, 0\n    out 0x40, al\n    mov al, 1\n", "mov al, 119\n    out 0x40, al\n    mov al, 0\n").replace(
-        "mov ecx, 300000", "mov ecx, 1")
+    pit = pic_and_pit(0xFE, 2, 119)
     loop = "".join(f"    add {r}, {i}\n" for i, r in enumerate(("eax", "ecx", "edx", "esi", "edi", "ebp") * 2))
     body = irq0 + pit + f"    sti\nmain:\n{loop}    cmp dword ptr [{OUT:#x}], 500\n    jb main\n    cli\n"
     m = Machine(ram_mb=8, serial_out=bytearray().extend, icount=True)
@@ -555,7 +518,7 @@ def test_inline_iret_refuses_a_cs_the_vmm_made_whose_gdt_entry_is_empty():
 def test_popf_in_ring3_with_iopl3_takes_a_pending_interrupt_at_once():
     # At CPL 3 with IOPL 3 POPF may set IF: a pending IRQ is taken right after it.  The third pass
     # (the first two warm the blocks up and chain them) waits for the IRQ with IF clear.
-    ring0 = PIC_AND_ONE_SHOT.format(imr=0xFE).replace("    mov ecx, 300000\nwait_irq:\n    dec ecx\n    jnz wait_irq\n", "")
+    ring0 = _one_shot(0xFE, wait=0)
     code = ("    xor ebx, ebx\ntop:\n    push 0x3002\n    popfd\n    mov ecx, 10\n    cmp ebx, 2\n    jne w3\n"
             "    mov ecx, 300000\nw3:\n    dec ecx\n    jnz w3\n    mov eax, en3\n" + store(0)
             + "    push 0x3202\n    popfd\nen3:\n    mov ecx, 1000\nl3:\n    dec ecx\n    jnz l3\n"

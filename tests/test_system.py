@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from runtime.system.machine import Machine
-from tests.kernels import BASE, PAGING, RESULTS, TEMPLATE, build  # noqa: F401 (imported by other tests)
+from tests.kernels import BASE, PAGING, RESULTS, TEMPLATE, build, pic_and_pit  # noqa: F401 (imported by other tests)
 
 
 def boot(ring0="", ring3=None, out=None):
@@ -142,27 +142,7 @@ def test_isa_debug_exit_status():
 
 
 def test_timer_interrupt_reaches_handler():
-    ring0 = """
-    mov al, 0x11
-    out 0x20, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 4
-    out 0x21, al
-    mov al, 1
-    out 0x21, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0x9b
-    out 0x40, al
-    mov al, 0x2e
-    out 0x40, al
-    sti
-spin:
-    jmp spin
-"""
+    ring0 = pic_and_pit(0xFE, 2, 0x2E9B) + "    sti\nspin:\n    jmp spin\n"
     res, r = boot(ring0)
     assert r["vector"] == 0x20 and r["eflags"] & 0x200
 
