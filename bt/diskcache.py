@@ -35,6 +35,7 @@ MAGIC = b"BTVMOBJ1"
 WINDOW = 32                 # guest bytes at the head that are part of the lookup key
 _HDR = struct.Struct("<8s32sII")     # magic, sha256(meta + object), len(meta), len(object)
 _REC = struct.Struct("<II8s32sI")     # block eip, key, sha256(window)[:8], entry name (sha256), tier
+STENCIL_DIR = "stencils"                # bt.stencil.Store's folder
 INDEX_DIR = "index1"                  # the number is the record format's version
 # Key bit of an index record that says its block's code can be rebuilt at the same page offset
 # of another page (bt.stencil.movable): looked up by (page offset, key, window digest).
@@ -420,11 +421,12 @@ class DiskCache:
             if not d.is_dir():
                 continue
             try:
-                # Index logs count and age like entries (those of old versions go first).
-                files = os.scandir(d.path) if d.name != INDEX_DIR else \
+                # Index logs and stencil files count and age like entries (those of old
+                # versions go first): they are kept in a folder per translator version.
+                files = os.scandir(d.path) if d.name not in (INDEX_DIR, STENCIL_DIR) else \
                     (e for v in os.scandir(d.path) if v.is_dir() for e in os.scandir(v.path))
                 for e in files:
-                    if e.name.endswith((".bto", ".log", ".o")):       # .o: runtime/ (JIT.compile_cached)
+                    if e.name.endswith((".bto", ".log", ".o", ".stl")):   # .o: runtime/ (JIT.compile_cached)
                         st = e.stat()
                         out.append((st.st_mtime, st.st_size, e.path))
             except OSError:

@@ -31,7 +31,7 @@ import time
 
 import llvmlite.binding as llvm
 
-from . import emit, state as S
+from . import diskcache, emit, state as S
 from .codemem import Arena
 from .decode import Block, Reg
 from .emit import Emitter, Hole, HoleUse
@@ -505,7 +505,7 @@ class Store:
     that is truncated or corrupt is ignored.  Small: a Linux boot's ~8,000 stencils are ~3 MB."""
 
     def __init__(self, root, version):
-        self.dir = root / "stencils" / version[:24]
+        self.dir = root / diskcache.STENCIL_DIR / version[:24]
         self.records = None         # key digest -> ("s", Stencil) | ("e",): escalate | ("n",): none
 
     def load(self):
@@ -518,6 +518,7 @@ class Store:
             for p in files:
                 try:
                     self._parse(p.read_bytes())
+                    os.utime(p)         # the cache folder's LRU bound (DiskCache.evict) sees the use
                 except (OSError, ValueError, struct.error, IndexError):
                     continue
             if len(files) >= MERGE_AT:

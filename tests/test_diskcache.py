@@ -206,6 +206,21 @@ def test_lru_eviction(tmp_path):
     assert ent is not None and ent.obj == b"\xcc" * 2000
 
 
+def test_lru_eviction_reaches_stencil_files(tmp_path):
+    # Each translator version keeps its stencils in a folder of its own: an old version's must
+    # count against the bound and go first, a used one's stay.
+    from bt.diskcache import DiskCache, STENCIL_DIR
+    old, used = tmp_path / STENCIL_DIR / "old", tmp_path / STENCIL_DIR / "used"
+    for folder, when in ((old, 1), (used, None)):
+        folder.mkdir(parents=True)
+        for i in range(8):
+            (folder / f"{i}.stl").write_bytes(b"s" * 1000)
+            os.utime(folder / f"{i}.stl", (when, when) if when else None)
+    d = DiskCache(tmp_path, "test", max_bytes=12_000)
+    assert d.evict(8_000) == 8_000
+    assert not list(old.glob("*.stl")) and len(list(used.glob("*.stl"))) == 8
+
+
 # ---- the lazy emitter -------------------------------------------------------------------
 def _block_ir(code):
     from bt import state as S
