@@ -484,21 +484,44 @@ def test_a_timer_is_not_late_behind_port_io_in_a_slice():
         m.close()
 
 
+# An IRQ0 handler (vector 0x20) that counts the ticks at OUT and returns.
+COUNT_TICKS = ("    jmp setup\nirq0:\n    push eax\n    mov al, 0x20\n    out 0x20, al\n"
+               f"    inc dword ptr [{OUT:#x}]\n    pop eax\n    iretd\nsetup:\n    mov eax, irq0\n"
+               "    mov word ptr [idt + 0x20*8], ax\n    shr eax, 16\n    mov word ptr [idt + 0x20*8 + 6], ax\n")
+
+
 def test_slices_ending_at_timer_deadlines_do_not_single_step(monkeypatch):
     # A 10 kHz PIT in icount mode: slices end near each deadline, a block short at most; the
     # remainder must not run one instruction at a time (KEY_STEP translations at random places).
-    irq0 = ("    jmp setup\nirq0:\n    push eax\n    mov al, 0x20\n    out 0x20, al\n"
-            f"    inc dword ptr [{OUT:#x}]\n    pop eax\n    iretd\nsetup:\n    mov eax, irq0\n"
-            "    mov word ptr [idt + 0x20*8], ax\n    shr eax, 16\n    mov word ptr [idt + 0x20*8 + 6], ax\n")
     pit = pic_and_pit(0xFE, 2, 119)
     loop = "".join(f"    add {r}, {i}\n" for i, r in enumerate(("eax", "ecx", "edx", "esi", "edi", "ebp") * 2))
-    body = irq0 + pit + f"    sti\nmain:\n{loop}    cmp dword ptr [{OUT:#x}], 500\n    jb main\n    cli\n"
+    body = COUNT_TICKS + pit + f"    sti\nmain:\n{loop}    cmp dword ptr [{OUT:#x}], 500\n    jb main\n    cli\n"
     m = Machine(ram_mb=8, serial_out=bytearray().extend, icount=True)
     try:
         m.load_multiboot(build(body))
         m.run()
         assert struct.unpack("<I", m.cpu.read_phys(OUT, 4))[0] >= 500
         assert not [k for _, k in m.cpu.cache.blocks if k & S.KEY_STEP]
+    finally:
+        m.close()
+
+
+def test_host_clock_tsc_keeps_up_with_the_host_clock():
+    # With -clock host the devices follow the host's clock while the TSC counts instructions (and
+    # charged time): 40 PIT ticks of 1 ms mostly halted take ~40 ms, and the TSC (1 GHz) must show
+    # at least that much, as the PIT the kernel calibrates it against does; it had advanced only
+    # by the instructions run (~200,000 ticks).
+    body = (COUNT_TICKS + pic_and_pit(0xFE, 2, 1193) + "    rdtsc\n    mov esi, eax\n    mov edi, edx\n    sti\n"
+            f"wait:\n    hlt\n    cmp dword ptr [{OUT:#x}], 40\n    jb wait\n    cli\n    rdtsc\n    sub eax, esi\n"
+            "    sbb edx, edi\n" + store(1) + store(2, "edx"))
+    m = Machine(ram_mb=8, serial_out=bytearray().extend, icount=False)
+    try:
+        m.load_multiboot(build(body))
+        t0 = time.monotonic_ns()
+        m.run(timeout=30)
+        elapsed = time.monotonic_ns() - t0
+        lo, hi = struct.unpack("<II", m.cpu.read_phys(OUT + 4, 8))
+        assert 35_000_000 <= lo + (hi << 32) <= elapsed + 1_000_000, (lo + (hi << 32), elapsed)
     finally:
         m.close()
 

@@ -220,6 +220,13 @@ class Machine:
                     else:
                         self.clock.idle(max_ns=50_000_000)
                     continue
+                if not self.clock.icount_mode:
+                    # Host clock: the TSC (instructions + charged time) must not fall behind the
+                    # devices' time, or the kernel's TSC calibration against the PIT measures
+                    # btvm's speed (and halted time would not count at all).
+                    lag = self.clock.now_ns() - cpu.icount - cpu.extra_ns
+                    if lag > 0:
+                        cpu.extra_ns += lag
                 budget = self._slice()
                 # The slice may end a block early (exact=False); the interrupt shadow's one
                 # instruction must be exact.
