@@ -521,7 +521,7 @@ def test_host_clock_tsc_keeps_up_with_the_host_clock():
         m.run(timeout=30)
         elapsed = time.monotonic_ns() - t0
         lo, hi = struct.unpack("<II", m.cpu.read_phys(OUT + 4, 8))
-        assert 35_000_000 <= lo + (hi << 32) <= elapsed + 1_000_000, (lo + (hi << 32), elapsed)
+        assert 35_000_000 <= lo + (hi << 32) <= elapsed + 10_000_000, (lo + (hi << 32), elapsed)
     finally:
         m.close()
 
