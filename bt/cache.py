@@ -29,6 +29,7 @@ _MEMO = {}
 # name: (tier, [TB of each block]).  A later miss on one of their blocks adopts the TB.
 _ENTRIES = {}
 _DEFERRED = {}    # stencil entry name -> {eip: (stored block, recipe)} not rebuilt at load
+_DEFERRED_MAX = 4096    # entries kept (oldest dropped first: their blocks are compiled if reached)
 # Tier-2 regions by the memo key of each member: a cache that adopts a memoized tier-1 block
 # takes its whole region instead when every member's bytes are in its memory.
 _REGIONS = {}
@@ -462,6 +463,8 @@ class CodeCache:
                 if blk.eip not in ent.valid:
                     # Its bytes are not in memory yet (a page the guest has not loaded): kept, to
                     # be rebuilt if they are there when it is reached.
+                    if ent.name not in _DEFERRED and len(_DEFERRED) >= _DEFERRED_MAX:
+                        del _DEFERRED[next(iter(_DEFERRED))]
                     _DEFERRED.setdefault(ent.name, {})[blk.eip] = (blk, recipe)
                     continue
                 tb = self._rebuilt(blk, recipe)
@@ -497,6 +500,8 @@ class CodeCache:
         if tb is None:
             return None
         del _DEFERRED[name][eip]
+        if not _DEFERRED[name]:
+            del _DEFERRED[name]
         _ENTRIES[name][1].append(tb)
         return self._adopt_entry(STENCIL_TIER, [tb], eip, key)
 

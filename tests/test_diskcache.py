@@ -390,6 +390,23 @@ def test_block_whose_bytes_arrive_after_its_entry_was_loaded_is_not_compiled_aga
     assert second["eax"] == 6 and second["compiled"] == 0, second
 
 
+def test_blocks_kept_for_later_are_bounded(monkeypatch):
+    # Blocks of loaded entries whose bytes were not in memory yet are kept to be rebuilt when
+    # reached (above); only the newest _DEFERRED_MAX entries' are, the oldest go first.
+    import struct as st
+    from types import SimpleNamespace
+    from bt import cache as C, diskcache
+    monkeypatch.setattr(C, "_DEFERRED", {})
+    monkeypatch.setattr(C, "_ENTRIES", {})
+    monkeypatch.setattr(C, "_DEFERRED_MAX", 3)
+    cache = C.CodeCache(lambda a, n: b"")
+    for i in range(5):
+        blk = diskcache.StoredBlock(0x1000 * (i + 1), 1, b"\x90", 1)
+        ent = SimpleNamespace(name=f"e{i}", valid=set(), blocks=[(blk, None, None)], obj=st.pack("<I", 2) + b"rr")
+        assert cache._load_stencil_entry(ent, 0x1000, 1) is None
+    assert list(C._DEFERRED) == ["e2", "e3", "e4"]
+
+
 # A ring-3 function (a loop with a relative call and LOOP) on a page that the kernel maps at the
 # linear address the test puts at 0x300300: a guest OS placing a library or its vDSO at another
 # address in each run (ASLR).
