@@ -27,6 +27,7 @@ import os
 import secrets
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 from . import state as S
@@ -41,6 +42,7 @@ INDEX_DIR = "index1"                  # the number is the record format's versio
 # of another page (bt.stencil.movable): looked up by (page offset, key, window digest).
 MOVABLE = 1 << 31
 MERGE_AT = 32                         # index logs that trigger a merge
+MERGE_SETTLE_SECONDS = 120            # a merge deletes only logs unchanged for this long
 # Sources that decide batching and storage, not the machine code: editing them keeps the cache.
 _NOT_CODEGEN = {"cache.py", "diskcache.py"}
 
@@ -336,9 +338,14 @@ class DiskCache:
         except OSError:
             self.errors += 1
             return
+        # A log written to lately may still be appended to by a running process after this one
+        # read it: deleting it would lose those records (their blocks compiled again).  Its
+        # records are in the merged log too; it goes at a later merge.
+        settled = time.time() - MERGE_SETTLE_SECONDS
         for p in logs:
             try:
-                p.unlink()
+                if p.stat().st_mtime < settled:
+                    p.unlink()
             except OSError:
                 pass
 
