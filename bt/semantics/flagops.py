@@ -42,7 +42,8 @@ def _pushf(e, insn):
 
 
 def popf_mask(key, opsize):
-    """EFLAGS bits POPF may change at the key's CPL and IOPL (SDM Vol. 2B, POPF)."""
+    """EFLAGS bits POPF may change at the key's CPL and IOPL (SDM Vol. 2B, POPF); IRET to the
+    same or an outer ring loads the same ones (SDM IRET, protected mode, no VM86)."""
     mask = S.STATUS_MASK | (1 << S.DF) | (1 << S.TF) | (1 << S.NT) | (1 << S.AC) | (1 << S.ID)
     cpl, iopl = S.key_cpl(key), S.key_iopl(key)
     if cpl <= iopl:
@@ -62,6 +63,12 @@ def _popf(e, insn):
     e.set_reg32(ESP, esp)
     set_eflags_value(e, new)
     return new, old
+
+
+def let_in(e, new, old):
+    """Nonzero (i32) if EFLAGS going from old to new sets IF while the machine has an interrupt
+    waiting (state.irq_pending is 1 << IF then): the block must leave for it to be taken."""
+    return e.and_(e.and_(new, e.xor(old, e.c(0xFFFFFFFF))), e.load_field(S.offset("irq_pending"), "i32"))
 
 
 def set_eflags_value(e, new):
@@ -101,8 +108,7 @@ def popf(e, insn):
     changes = (1 << S.AC) | ((3 << S.IOPL_SHIFT) if _system_mode(e) else 0)
     go = e.or_(e.and_(new, e.c(1 << S.TF)), e.and_(e.xor(new, old), e.c(changes)))
     if e.key & S.KEY_PE and popf_mask(e.key, insn.opsize) & (1 << S.IF):
-        enabled = e.and_(new, e.xor(old, e.c(0xFFFFFFFF)))
-        go = e.or_(go, e.and_(enabled, e.load_field(S.CPUState.irq_pending.offset, "i32")))
+        go = e.or_(go, let_in(e, new, old))
     e.exit_if(e.icmp("ne", go, e.c(0)),
               lambda: e.exit_code(S.EXIT_LOOKUP, e.c(insn.next), refund=e.left(after=True)))
 

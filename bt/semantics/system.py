@@ -24,6 +24,13 @@ def _callout_fn(name):
     return fn
 
 
+def _ring0_with(e, bits):
+    """Whether the block's key is protected mode at CPL 0 with the mode-key bits `bits` set: where
+    IRET and INVLPG have an inline path."""
+    from .. import state as S
+    return e.key & (S.KEY_PE | bits) == S.KEY_PE | bits and S.key_cpl(e.key) == 0
+
+
 def callout(name, *mnemonics, why, does, table_as=()):
     """Register mnemonics as the callout `name`; table_as lists forms of instructions
     registered elsewhere (e.g. MOV) that reach this callout."""
@@ -38,8 +45,6 @@ callout("int", "int", "int3", "into", "int1", why=SENSITIVE + ": vectors through
 callout("iret", "iret", why=SENSITIVE + ": restores EFLAGS.IF/IOPL, CS and may change CPL",
         does="returns from an interrupt against the virtual CPU state", table_as=("iretd",))
 
-# EFLAGS bits an IRET at CPL 0 loads (runtime/system/syscpu.py SystemCPU.iret); RF is not loaded.
-_IRET_MASK = 0x244DD5 | (1 << 1) | (3 << 12) | (1 << 9)
 
 
 @sem("iretd", ends_block=True, callout="iret", why=SENSITIVE + ": restores EFLAGS.IF/IOPL, CS and may change CPL",
@@ -53,8 +58,8 @@ def iretd(e, insn):
     # (state.cs_desc), so the code-segment checks and the descriptor cache come out unchanged.
     from .. import state as S
     from ..sensitive import callout_id
-    from .flagops import eflags_value, set_eflags_value
-    if not e.key & S.KEY_PE or not e.key & S.KEY_FLAT or S.key_cpl(e.key) != 0:
+    from .flagops import eflags_value, let_in, popf_mask, set_eflags_value
+    if not _ring0_with(e, S.KEY_FLAT):
         return e.callout(callout_id("iret"))
     out = lambda: e.callout(callout_id("iret"))
     old = eflags_value(e)
@@ -79,14 +84,14 @@ def iretd(e, insn):
                            e.c(0)))
     cached = e.and_(cached, e.icmp("eq", e.and_(hi, e.c(0x9800)), e.c(0x9800)))
     e.exit_if(e.icmp("eq", e.zext(cached, "i32"), e.c(0)), out)
-    new = e.or_(e.and_(fl, e.c(_IRET_MASK)), e.and_(old, e.c(~_IRET_MASK)))
+    mask = popf_mask(e.key, 4)
+    new = e.or_(e.and_(fl, e.c(mask)), e.and_(old, e.c(~mask)))
     # IOPL is in the mode key, and TF makes the run loop single-step: the runtime does those.
     e.exit_if(e.icmp("ne", e.or_(e.and_(e.xor(new, old), e.c(3 << 12)), e.and_(new, e.c(1 << S.TF))), e.c(0)), out)
     set_eflags_value(e, new)
     e.set_reg32(4, e.add(esp, e.c(12)))
     # An interrupt this IRET lets in is taken before the next instruction (state.irq_pending).
-    pending = e.and_(e.and_(new, e.xor(old, e.c(0xFFFFFFFF))), e.load_field(S.offset("irq_pending"), "i32"))
-    e.exit_if(e.icmp("ne", pending, e.c(0)), lambda: e.exit_code(S.EXIT_LOOKUP, eip))
+    e.exit_if(e.icmp("ne", let_in(e, new, old), e.c(0)), lambda: e.exit_code(S.EXIT_LOOKUP, eip))
     e.exit_indirect(eip)
 callout("cpuid", "cpuid", why="sensitive: reveals the host CPU", does="reports btvm's virtual i686 CPU")
 callout("rdtsc", why="sensitive: reads host time; #GP at CPL>0 with CR4.TSD",
@@ -164,7 +169,7 @@ def invlpg(e, insn):
     # The block still ends here: a tier-2 region's memory windows were checked at block entry.
     from .. import state as S
     from ..sensitive import callout_id
-    if not e.key & S.KEY_PE or not e.key & S.KEY_PG or S.key_cpl(e.key) != 0:
+    if not _ring0_with(e, S.KEY_PG):
         return e.callout(callout_id("cache"))
     m = insn.ops[0].mem
     lin = e.f(e.linear(m.seg, e.ea(m)))

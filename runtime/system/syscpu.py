@@ -11,6 +11,7 @@ import ctypes
 import struct
 
 from bt import state as S
+from bt.semantics.flagops import popf_mask
 from runtime.cpu import CPU, GuestFault, Stop
 from runtime.native_refill import (drop_writes, invlpg_address, sys_load_refill_address,
                                    sys_store_refill_address, walk)
@@ -747,14 +748,11 @@ class SystemCPU(CPU):
         rpl = cs & 3
         if rpl < self.cpl:
             raise GuestFault(GP, cs & 0xFFFC)
-        # IF and IOPL are added below by privilege.  RF is not loaded: it only suppresses code
-        # breakpoints (which btvm does not have) for the one instruction returned to, after which
-        # the CPU clears it; leaving it set would leak into later interrupt frames and PUSHFs.
-        mask = 0x244DD5 | (1 << 1)
-        if self.cpl == 0:
-            mask |= (3 << S.IOPL_SHIFT) | (1 << S.IF)
-        elif self.cpl <= (self.st.eflags >> S.IOPL_SHIFT) & 3:
-            mask |= 1 << S.IF
+        # The bits POPF may change (IF and IOPL by privilege).  RF is not loaded: it only
+        # suppresses code breakpoints (which btvm does not have) for the one instruction returned
+        # to, after which the CPU clears it; leaving it set would leak into later interrupt frames
+        # and PUSHFs.
+        mask = popf_mask(self.key, 4) | (1 << 1)
         new_fl = (fl & mask) | (self.st.eflags & ~mask)
         if rpl > self.cpl:
             new_esp, new_ss = self.read_lin_dwords(ssb + esp + 12, 2)
