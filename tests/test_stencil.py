@@ -201,3 +201,29 @@ def test_single_step_blocks_share_the_stencils(fresh_library):
         pos = blk.end
     assert {k for k in b.lib.stencils if k[0] == "i"} == shapes
     _check(code + asm("hlt"), regs={"ebx": len(code)})
+
+
+def test_shapes_with_the_same_ir_share_one_stencil(fresh_library):
+    """Shapes of one instruction under keys that differ in a bit its code never looks at (IOPL
+    for ADD) compile once; a bit it does look at (CPL for a memory access: the user TLB) gives
+    a stencil of its own.  A later process finds the shared stencil through the store."""
+    from bt import state as S
+    from bt.decode import disasm
+
+    def stencil_of(lib, text, key):
+        insn = next(disasm(asm(text), 0x1000, 1))
+        st, = lib.get([lib.shape(insn, key, 0x1000)])
+        return st
+
+    k0, k3 = S.make_key(iopl=0), S.make_key(iopl=3)
+    b = fresh_library()
+    add0 = stencil_of(b.lib, "add eax, ebx", k0)
+    n = b.lib.compiled
+    assert stencil_of(b.lib, "add eax, ebx", k3) is add0
+    assert b.lib.compiled == n and b.lib.shared == 1
+    assert stencil_of(b.lib, "mov eax, [ebx]", S.make_key(cpl=3)) is not stencil_of(b.lib, "mov eax, [ebx]", k0)
+    b2 = fresh_library()
+    assert stencil_of(b2.lib, "add eax, ebx", S.make_key(iopl=2)).code == add0.code
+    assert b2.lib.compiled == 0 and b2.lib.shared == 1
+    _check(asm("mov eax, 5\n add eax, ebx\n mov ebx, 0x3000\n mov ecx, [ebx]\n hlt"), regs={"ebx": 7},
+           data={0x3000: b"\x01\x02\x03\x04"})
