@@ -657,7 +657,8 @@ class CodeCache:
         tb = self.blocks.get((eip, key))
         if tb is None or tb.tier != 1 or tb.promoting or self.optimizer is None:
             return
-        if not self.optimizer.sync and time.perf_counter() - self.last_compile < tier2.QUIET:
+        opt = self.optimizer
+        if not opt.sync and not opt.process and time.perf_counter() - self.last_compile < tier2.QUIET:
             self._rearm(tb)
             self.counters["tier2_deferred"] += 1
             return

@@ -192,6 +192,25 @@ def test_promotion_waits_while_tier1_compiles(monkeypatch):
     assert eax == _unicorn_eax(code)
 
 
+def test_promotion_does_not_wait_for_tier1_with_the_worker_process(monkeypatch):
+    """The worker process shares no LLVM lock with the guest thread: a hot block goes to it at
+    once, however recently tier 1 compiled."""
+    from bt import stencil
+    monkeypatch.setattr(stencil, "ENABLED", False)
+    monkeypatch.setattr(C, "_MEMO", {})
+    monkeypatch.setenv("BTVM_NO_CACHE", "1")
+    monkeypatch.setattr(tier2, "THRESHOLD", 50)
+    monkeypatch.setattr(tier2, "QUIET", 3600)
+    opt = tier2.Optimizer(sync=False)
+    opt.process = True
+    monkeypatch.setattr(tier2, "_shared", opt)
+    code = asm("mov ecx, 400; l: add eax, ecx; ror eax, 7; dec ecx; jnz l; hlt", 0x1000)
+    eax, c, _ = _run(code, after=opt.wait_idle)
+    opt._stop_worker()
+    assert c.get("tier2_deferred", 0) == 0 and c["tier2_regions"] >= 1
+    assert eax == _unicorn_eax(code)
+
+
 def test_profile_reports_tier2(tmp_path):
     j = tmp_path / "p.json"
     env = dict(os.environ, BTVM_HOT="200", BTVM_TIER2_SYNC="1", BTVM_NO_CACHE="1")
