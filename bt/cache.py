@@ -28,7 +28,8 @@ _MEMO = {}
 # Disk-cache entries whose object is loaded in this process (its symbols are taken), by entry
 # name: (tier, [TB of each block]).  A later miss on one of their blocks adopts the TB.
 _ENTRIES = {}
-_DEFERRED = {}    # stencil entry name -> {eip: (stored block, recipe)} not rebuilt at load
+_DEFERRED = {}    # stencil entry name -> {eip: [(stored block, recipe)]} not rebuilt at load (an entry
+                  # may hold several versions of a block: code the guest patched while it ran)
 _DEFERRED_MAX = 4096    # entries kept (oldest dropped first: their blocks are compiled if reached)
 # Tier-2 regions by the memo key of each member: a cache that adopts a memoized tier-1 block
 # takes its whole region instead when every member's bytes are in its memory.
@@ -465,7 +466,7 @@ class CodeCache:
                     # be rebuilt if they are there when it is reached.
                     if ent.name not in _DEFERRED and len(_DEFERRED) >= _DEFERRED_MAX:
                         del _DEFERRED[next(iter(_DEFERRED))]
-                    _DEFERRED.setdefault(ent.name, {})[blk.eip] = (blk, recipe)
+                    _DEFERRED.setdefault(ent.name, {}).setdefault(blk.eip, []).append((blk, recipe))
                     continue
                 tb = self._rebuilt(blk, recipe)
                 if tb is not None:
@@ -490,18 +491,23 @@ class CodeCache:
     def _rebuild_deferred(self, name, eip, key):
         """The block at eip from a loaded stencil entry that skipped it (its bytes were not in
         memory then), if they are now; None otherwise."""
-        item = _DEFERRED.get(name, {}).get(eip)
-        if item is None or self.stencils is None:
+        versions = _DEFERRED.get(name, {}).get(eip)
+        if not versions or self.stencils is None:
             return None
-        blk, recipe = item
-        if blk.key != key or self.fetch(blk.eip, len(blk.raw)) != blk.raw:
+        for item in versions:
+            blk, recipe = item
+            if blk.key == key and self.fetch(blk.eip, len(blk.raw)) == blk.raw:
+                break
+        else:
             return None
         tb = self._rebuilt(blk, recipe)
         if tb is None:
             return None
-        del _DEFERRED[name][eip]
-        if not _DEFERRED[name]:
-            del _DEFERRED[name]
+        versions.remove(item)
+        if not versions:
+            del _DEFERRED[name][eip]
+            if not _DEFERRED[name]:
+                del _DEFERRED[name]
         _ENTRIES[name][1].append(tb)
         return self._adopt_entry(STENCIL_TIER, [tb], eip, key)
 

@@ -398,6 +398,28 @@ def test_block_whose_bytes_arrive_after_its_entry_was_loaded_is_not_compiled_aga
     assert second["eax"] == 6 and second["compiled"] == 0, second
 
 
+def test_two_versions_of_a_block_kept_for_later_are_both_found(tmp_path):
+    # The guest writes one function, calls it, rewrites one byte of it and calls it again (the
+    # Linux kernel patching LOCK prefixes in and out).  The first run stores both versions at
+    # one address in one entry; the second loads that entry before either is in memory, and
+    # must rebuild each version when memory holds it (it once kept only the last one).
+    code = asm("""
+        mov edi, 0x5000
+        mov dword ptr [edi], 0x000005b8
+        mov word ptr [edi + 4], 0xc300
+        call edi
+        mov ebx, eax
+        mov dword ptr [edi], 0x000007b8
+        call edi
+        add eax, ebx
+        hlt
+    """)
+    first = _run(code, tmp_path)
+    assert first["stop"] == "hlt" and first["eax"] == 12 and first["compiled"] >= 4
+    second = _run(code, tmp_path)
+    assert second["eax"] == 12 and second["compiled"] == 0, second
+
+
 def test_blocks_kept_for_later_are_bounded(monkeypatch):
     # Blocks of loaded entries whose bytes were not in memory yet are kept to be rebuilt when
     # reached (above); only the newest _DEFERRED_MAX entries' are, the oldest go first.
