@@ -415,8 +415,8 @@ class CodeCache:
         blocks at their stored addresses."""
         tbs = []
         try:
-            for blk, recipe in _recipes(ent):
-                if blk.eip in ent.valid and stencil.movable(recipe):
+            for (blk, recipe), ok in zip(_recipes(ent), ent.matched):
+                if ok and stencil.movable(recipe):
                     moved = diskcache.StoredBlock((blk.eip + delta) & 0xFFFFFFFF, key, blk.raw, blk.ninsns)
                     if self.blocks.get((moved.eip, key)) is None:
                         tb = self._rebuilt(moved, recipe, delta)
@@ -460,10 +460,12 @@ class CodeCache:
             return None
         tbs = []
         try:
-            for blk, recipe in _recipes(ent):
-                if blk.eip not in ent.valid:
-                    # Its bytes are not in memory yet (a page the guest has not loaded): kept, to
-                    # be rebuilt if they are there when it is reached.
+            for (blk, recipe), ok in zip(_recipes(ent), ent.matched):
+                if not ok:
+                    # Its bytes are not in memory (yet: a page the guest has not loaded, or the
+                    # other version of code the guest patches): kept, to be rebuilt if they are
+                    # there when it is reached.  Never by its eip alone: a stale version would
+                    # run.
                     if ent.name not in _DEFERRED and len(_DEFERRED) >= _DEFERRED_MAX:
                         del _DEFERRED[next(iter(_DEFERRED))]
                     _DEFERRED.setdefault(ent.name, {}).setdefault(blk.eip, []).append((blk, recipe))

@@ -140,6 +140,7 @@ class Entry:
         self.blocks = [(StoredBlock(b[0], meta["key"], bytes.fromhex(b[1]), b[2]), b[3], b[4])
                        for b in meta["blocks"]]
         self.valid = set()          # eips of the blocks whose bytes matched guest memory at lookup
+        self.matched = []           # per block (an entry may hold two versions at one eip): it matched
         self.tier = meta.get("tier", 1)
 
 
@@ -255,10 +256,8 @@ class DiskCache:
         ent = self._parse(data, path, name)
         if ent is None or ent.meta.get("version") != self.version or ent.meta.get("key") != key:
             return None
-        for blk, ok in zip((b for b, _, _ in ent.blocks), _matches(fetch, [((b.eip + delta) & 0xFFFFFFFF, b.raw)
-                                                                         for b, _, _ in ent.blocks])):
-            if ok:
-                ent.valid.add(blk.eip)
+        ent.matched = _matches(fetch, [((b.eip + delta) & 0xFFFFFFFF, b.raw) for b, _, _ in ent.blocks])
+        ent.valid = {b.eip for (b, _, _), ok in zip(ent.blocks, ent.matched) if ok}
         if eip not in ent.valid or (ent.tier == 2 and len(ent.valid) != len(ent.blocks)):
             return None
         try:

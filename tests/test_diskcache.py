@@ -43,6 +43,8 @@ from runtime.snippet import Snippet
 code = bytes.fromhex(sys.argv[1])
 sn = Snippet(trace_writes=False)
 sn.mem.write(%d, code)
+if len(sys.argv) > 2:
+    sn.mem.write(0x5000, bytes.fromhex(sys.argv[2]))
 sn.cpu.set_reg("eip", %d)
 stop = sn.cpu.run(1_000_000)
 c = sn.cpu.cache.counters
@@ -52,16 +54,16 @@ print(json.dumps({"stop": stop.reason, "eax": sn.cpu.reg("eax"), "ebx": sn.cpu.r
 """ % (CODE, CODE)
 
 
-def _start(code, cache_dir, **env):
+def _start(code, cache_dir, at_5000=None, **env):
     e = dict(os.environ, BTVM_CACHE_DIR=str(cache_dir))
     e.pop("BTVM_NO_CACHE", None)
     e.update(env)
-    return subprocess.Popen([sys.executable, "-c", RUNNER, code.hex()], cwd=ROOT, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", RUNNER, code.hex()] + ([at_5000.hex()] if at_5000 else []),
+                            cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _run(code, cache_dir, **env):
-    p = _start(code, cache_dir, **env)
+def _run(code, cache_dir, at_5000=None, **env):
+    p = _start(code, cache_dir, at_5000, **env)
     out, err = p.communicate()
     assert p.returncode == 0, err
     return json.loads(out)
@@ -420,6 +422,24 @@ def test_two_versions_of_a_block_kept_for_later_are_both_found(tmp_path):
     assert second["eax"] == 12 and second["compiled"] == 0, second
 
 
+def test_the_stored_version_of_a_patched_block_that_memory_holds_is_the_one_that_runs(tmp_path):
+    # An entry holding two versions of a block at one address (above), loaded when memory holds
+    # the second: the first must not be rebuilt and run (it once was, by matching eips only).
+    patcher = asm("""
+        mov edi, 0x5000
+        mov dword ptr [edi], 0x000005b8
+        mov word ptr [edi + 4], 0xc300
+        call edi
+        mov dword ptr [edi], 0x000007b8
+        call edi
+        hlt
+    """)
+    assert _run(patcher, tmp_path)["eax"] == 7
+    caller = asm("mov edi, 0x5000\n call edi\n hlt")
+    assert _run(caller, tmp_path, at_5000=bytes.fromhex("b807000000c3"))["eax"] == 7
+    assert _run(caller, tmp_path, at_5000=bytes.fromhex("b805000000c3"))["eax"] == 5
+
+
 def test_blocks_kept_for_later_are_bounded(monkeypatch):
     # Blocks of loaded entries whose bytes were not in memory yet are kept to be rebuilt when
     # reached (above); only the newest _DEFERRED_MAX entries' are, the oldest go first.
@@ -432,7 +452,8 @@ def test_blocks_kept_for_later_are_bounded(monkeypatch):
     cache = C.CodeCache(lambda a, n: b"")
     for i in range(5):
         blk = diskcache.StoredBlock(0x1000 * (i + 1), 1, b"\x90", 1)
-        ent = SimpleNamespace(name=f"e{i}", valid=set(), blocks=[(blk, None, None)], obj=st.pack("<I", 2) + b"rr")
+        ent = SimpleNamespace(name=f"e{i}", valid=set(), matched=[False], blocks=[(blk, None, None)],
+                              obj=st.pack("<I", 2) + b"rr")
         assert cache._load_stencil_entry(ent, 0x1000, 1) is None
     assert list(C._DEFERRED) == ["e2", "e3", "e4"]
 
