@@ -485,11 +485,9 @@ class Library:
         if self.store is not None:
             new = {}
             for sh in shapes:
-                st = self.stencils[sh.key]
-                new[_digest(sh.key)] = ("n",) if st is None else ("e",) if st is ESCALATE else ("s", st)
+                new[_digest(sh.key)] = _record(self.stencils[sh.key])
             for key, sig in sigs.items():
-                st = self.stencils[key]
-                new[_digest(sig)] = ("n",) if st is None else ("s", st)
+                new[_digest(sig)] = _record(self.stencils[key])
             self.store.save(new)
         self.compile_seconds += time.perf_counter() - t0
 
@@ -502,6 +500,11 @@ class Library:
             if rec is not None and rec[0] in "sn":
                 st = self.by_ir[sig] = rec[1] if rec[0] == "s" else None
         return st
+
+
+def _record(st):
+    """The store record of a library value (Stencil, ESCALATE or None)."""
+    return ("n",) if st is None else ("e",) if st is ESCALATE else ("s", st)
 
 
 def _ir_signature(mt, name, mask):

@@ -400,41 +400,36 @@ def test_block_whose_bytes_arrive_after_its_entry_was_loaded_is_not_compiled_aga
     assert second["eax"] == 6 and second["compiled"] == 0, second
 
 
+# Writes `mov eax, 5; ret` at 0x5000 and calls it, patches it to `mov eax, 7` and calls it again:
+# two versions of one block at one address (EAX = 5 + 7).
+PATCH_TWICE = asm("""
+    mov edi, 0x5000
+    mov dword ptr [edi], 0x000005b8
+    mov word ptr [edi + 4], 0xc300
+    call edi
+    mov ebx, eax
+    mov dword ptr [edi], 0x000007b8
+    call edi
+    add eax, ebx
+    hlt
+""")
+
+
 def test_two_versions_of_a_block_kept_for_later_are_both_found(tmp_path):
     # The guest writes one function, calls it, rewrites one byte of it and calls it again (the
     # Linux kernel patching LOCK prefixes in and out).  The first run stores both versions at
     # one address in one entry; the second loads that entry before either is in memory, and
     # must rebuild each version when memory holds it (it once kept only the last one).
-    code = asm("""
-        mov edi, 0x5000
-        mov dword ptr [edi], 0x000005b8
-        mov word ptr [edi + 4], 0xc300
-        call edi
-        mov ebx, eax
-        mov dword ptr [edi], 0x000007b8
-        call edi
-        add eax, ebx
-        hlt
-    """)
-    first = _run(code, tmp_path)
+    first = _run(PATCH_TWICE, tmp_path)
     assert first["stop"] == "hlt" and first["eax"] == 12 and first["compiled"] >= 4
-    second = _run(code, tmp_path)
+    second = _run(PATCH_TWICE, tmp_path)
     assert second["eax"] == 12 and second["compiled"] == 0, second
 
 
 def test_the_stored_version_of_a_patched_block_that_memory_holds_is_the_one_that_runs(tmp_path):
     # An entry holding two versions of a block at one address (above), loaded when memory holds
     # the second: the first must not be rebuilt and run (it once was, by matching eips only).
-    patcher = asm("""
-        mov edi, 0x5000
-        mov dword ptr [edi], 0x000005b8
-        mov word ptr [edi + 4], 0xc300
-        call edi
-        mov dword ptr [edi], 0x000007b8
-        call edi
-        hlt
-    """)
-    assert _run(patcher, tmp_path)["eax"] == 7
+    assert _run(PATCH_TWICE, tmp_path)["eax"] == 12
     caller = asm("mov edi, 0x5000\n call edi\n hlt")
     assert _run(caller, tmp_path, at_5000=bytes.fromhex("b807000000c3"))["eax"] == 7
     assert _run(caller, tmp_path, at_5000=bytes.fromhex("b805000000c3"))["eax"] == 5
