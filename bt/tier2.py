@@ -63,10 +63,11 @@ class Job:
 class Optimizer:
     """Compiles tier-2 modules to relocatable objects, off the guest's thread."""
 
-    def __init__(self, sync=SYNC):
+    def __init__(self, sync=None):
         from .jit import host_target_machine
         self.tm = host_target_machine(OPT, jit=True)
-        self.sync = sync
+        self.chosen = sync is not None   # sync given by the caller (tests): kept in system mode too
+        self.sync = SYNC if sync is None else sync
         self.done = deque()          # finished jobs: appended by the worker, drained by code caches
         self._todo = deque()
         self._wake = threading.Condition()
@@ -221,7 +222,7 @@ _shared = None
 def use_worker_process():
     """Compile regions in a child process from now on (system mode: see Optimizer.process)."""
     opt = shared_optimizer()
-    if opt is not None and os.environ.get("BTVM_TIER2_SYNC", "") in ("", "0"):
+    if opt is not None and not opt.chosen and os.environ.get("BTVM_TIER2_SYNC", "") in ("", "0"):
         opt.sync = False
         opt.process = True
 
