@@ -15,6 +15,7 @@ native runs, where no translated code is executing (bt.cache.CodeCache.poll_tier
 BTVM_HOT=N sets the threshold (0 turns tier 2 off).  Outside system mode regions compile on
 the calling thread (the swap then happens at a deterministic point); BTVM_TIER2_SYNC=0 uses a thread.
 """
+import atexit
 import os
 import struct
 import subprocess
@@ -78,6 +79,7 @@ class Optimizer:
         # the child's LLVM locked forever.  So fork waits for the compile in progress, and the
         # child starts without a worker (its guest forked; its own code cache goes on).
         self._busy = threading.Lock()
+        self._closed = False
         os.register_at_fork(before=lambda: self._busy.acquire(), after_in_parent=lambda: self._busy.release(),
                             after_in_child=self._after_fork_in_child)
 
@@ -91,6 +93,7 @@ class Optimizer:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name="btvm-tier2", daemon=True)
                 self._thread.start()
+                atexit.register(self.close)
             self._wake.notify()
 
     def _worker(self):
@@ -100,9 +103,28 @@ class Optimizer:
                     self._wake.wait()
                 job = self._todo.popleft()
             with self._busy:
-                self._run(job)
+                if not self._closed:
+                    self._run(job)
             with self._wake:
                 self.inflight -= 1
+
+    def busy(self):
+        """True while the worker thread is compiling."""
+        return self._busy.locked()
+
+    def close(self):
+        """Let the worker thread finish the compile in progress and start no other (run at
+        interpreter exit).  exit() runs LLVM's static destructors -- its pass registries, its
+        value-type tables -- and a compile still running on the daemon thread then crashed the
+        process: SelectionDAG assertions or segfaults as short user-mode guests exited."""
+        if self._closed:
+            return
+        with self._wake:
+            self._closed = True
+            self.inflight -= len(self._todo)
+            self._todo.clear()
+        with self._busy:
+            pass
 
     def _after_fork_in_child(self):
         if self._proc is not None:      # the parent's worker: not ours to use or stop
@@ -119,6 +141,7 @@ class Optimizer:
         self._busy = threading.Lock()
         self._wake = threading.Condition()
         self._thread = None
+        self._closed = False
         self.inflight = 0
 
     def _run(self, job):

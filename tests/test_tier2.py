@@ -506,3 +506,32 @@ def test_base_register_window_does_not_cover_an_access_after_the_register_moved(
         assert sn.cpu.cache.counters["tier2_blocks"] >= 1
     finally:
         sn.close()
+
+
+# A module that takes LLVM ~0.3 s to compile at -O2: long enough to be in flight at exit.
+_EXIT_RACE = r'''
+import atexit, sys, time
+from bt import tier2
+body = ["define i32 @f(i32 %a, ptr %p) {", "entry:", "  %x0 = add i32 %a, 1"]
+for i in range(1, 3000):
+    body += [f"  %x{i} = mul i32 %x{i-1}, {i+3}", f"  %c{i} = icmp ult i32 %x{i}, {i*7}",
+             f"  br i1 %c{i}, label %b{i}, label %b{i}", f"b{i}:", f"  store volatile i32 %x{i}, ptr %p"]
+body += ["  ret i32 %x2999", "}", ""]
+opt = tier2.Optimizer(sync=False)
+# atexit runs handlers last-registered first: this one runs after the optimizer's own.
+atexit.register(lambda: print("at exit: busy" if opt.busy() else "at exit: idle", len(opt.done)))
+for _ in range(3):
+    opt.submit(tier2.Job(None, [], [], [], [], [], "\n".join(body)))
+time.sleep(0.05)
+'''
+
+
+def test_interpreter_exit_waits_for_the_compile_in_flight():
+    """Exit runs LLVM's static destructors (its pass registries, its value-type tables): a compile
+    still running on the optimizer's thread then crashed the process (seen as SelectionDAG
+    assertions or a segfault when short user-mode guests exited).  The optimizer's exit hook
+    waits for the compile in progress and drops the queued ones."""
+    p = subprocess.run([sys.executable, "-c", _EXIT_RACE], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["at", "exit:", "idle", "1"], p.stdout
