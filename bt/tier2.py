@@ -12,8 +12,8 @@ in system mode, in a worker process of its own (`python -m bt.tier2`: no LLVM lo
 shared with the guest thread), and the code cache swaps the region in between two
 native runs, where no translated code is executing (bt.cache.CodeCache.poll_tier2).
 
-BTVM_HOT=N sets the threshold (0 turns tier 2 off).  Outside system mode regions compile on
-the calling thread (the swap then happens at a deterministic point); BTVM_TIER2_SYNC=0 uses a thread.
+BTVM_HOT=N sets the threshold (0 turns tier 2 off); BTVM_TIER2_SYNC=1 compiles on
+the calling thread (tests: the swap then happens at a deterministic point).
 """
 import atexit
 import os
@@ -27,11 +27,7 @@ from collections import deque
 import llvmlite.binding as llvm
 
 THRESHOLD = int(os.environ.get("BTVM_HOT", "20000"))
-# Regions compile on the guest's thread by default (user mode): compiled on a thread of their own,
-# user-mode runs sometimes died in LLVM (SelectionDAG assertions; ~1 in 6 cold busybox test runs,
-# cause not found; 0 in 14 compiling synchronously).  System mode uses the worker process
-# (use_worker_process).  BTVM_TIER2_SYNC=0 brings the thread back.
-SYNC = os.environ.get("BTVM_TIER2_SYNC", "") != "0"
+SYNC = os.environ.get("BTVM_TIER2_SYNC", "") not in ("", "0")
 MAX_BLOCKS = 12          # blocks per region
 MAX_INSNS = 400          # guest instructions per region
 # Regions of up to INLINE_BLOCKS blocks and INLINE_INSNS guest instructions are compiled as one
@@ -245,7 +241,7 @@ _shared = None
 def use_worker_process():
     """Compile regions in a child process from now on (system mode: see Optimizer.process)."""
     opt = shared_optimizer()
-    if opt is not None and not opt.chosen and os.environ.get("BTVM_TIER2_SYNC", "") in ("", "0"):
+    if opt is not None and not opt.chosen and not SYNC:
         opt.sync = False
         opt.process = True
 
