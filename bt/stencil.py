@@ -22,6 +22,7 @@ field fixed (LEVELS), and a shape that cannot be made a stencil at all leaves it
 LLVM tier-1 path.  Stencils are kept in memory and on disk (bt.diskcache's folder), keyed by
 a hash of the shape and the translator version, so each is compiled once per machine.
 """
+import atexit
 import ctypes
 import dataclasses
 import hashlib
@@ -29,6 +30,7 @@ import os
 import re
 import struct
 import time
+import weakref
 
 import llvmlite.binding as llvm
 
@@ -535,6 +537,12 @@ _HOLE_INDEX = {h: i for i, h in enumerate(_HOLE_NAMES)}
 _REL = struct.Struct("<IBBBq")           # offset, size, pc-relative, hole, addend
 _MAGIC = b"BTVMSTL3"
 MERGE_AT = 64
+# New records are written SAVE_BATCH at a time, or those of the last SAVE_SECONDS when fewer, and
+# at exit and before a fork (flush_stores): a file per compile was ~1,000 small writes, ~1 s of a
+# cold Linux boot.  A run killed with SIGKILL loses only the pending ones.
+SAVE_BATCH = 256
+SAVE_SECONDS = 2.0
+_STORES = weakref.WeakSet()
 
 
 _DIGESTS = {}
@@ -555,6 +563,9 @@ class Store:
     def __init__(self, root, version):
         self.dir = root / diskcache.STENCIL_DIR / version[:24]
         self.records = None         # key digest -> ("s", Stencil) | ("e",): escalate | ("n",): none
+        self.pending = {}           # records not written yet
+        self._saved_at = time.monotonic()
+        _STORES.add(self)
 
     def load(self):
         if self.records is None:
@@ -603,9 +614,18 @@ class Store:
         self.records.update(recs)
 
     def save(self, new):
-        """Write the records of {digest: record} as one new file."""
+        """Add the records of {digest: record}; they are written with the next batch."""
         self.load().update(new)
-        self._write(new, ())
+        self.pending.update(new)
+        if len(self.pending) >= SAVE_BATCH or time.monotonic() - self._saved_at > SAVE_SECONDS:
+            self.flush()
+
+    def flush(self):
+        """Write the pending records as one new file."""
+        new, self.pending = self.pending, {}
+        self._saved_at = time.monotonic()
+        if new:
+            self._write(new, ())
 
     def _write(self, recs, replaces):
         out = bytearray()
@@ -626,6 +646,20 @@ class Store:
                 p.unlink(missing_ok=True)
         except OSError:
             pass                        # a read-only or full cache folder: compile again next time
+
+
+def flush_stores():
+    """Write every store's pending records (at exit and before a fork: the child would write them
+    again)."""
+    for store in list(_STORES):
+        try:
+            store.flush()
+        except Exception:
+            pass
+
+
+atexit.register(flush_stores)
+os.register_at_fork(before=flush_stores)
 
 
 # ---- ELF relocatable objects -------------------------------------------------------------

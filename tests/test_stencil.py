@@ -17,6 +17,7 @@ def fresh_library(monkeypatch, tmp_path):
     monkeypatch.setenv("BTVM_NO_CACHE", "1")
 
     def new():
+        stencil.flush_stores()              # what the previous "process" wrote at exit
         b = stencil.Builder(stencil.Library(stencil.Store(tmp_path, "v" * 24)))
         monkeypatch.setattr(stencil, "_shared", b)
         C._MEMO.clear()
@@ -81,10 +82,30 @@ def test_a_shape_raised_to_a_fixed_operand_is_not_shared(fresh_library):
     assert b.lib.loaded > 0
 
 
+def test_store_writes_in_batches_and_at_exit(fresh_library, tmp_path, monkeypatch):
+    """Each compile's records wait for a batch (a file per compile cost a cold Linux boot ~1 s of
+    small writes); exit and fork write what is pending, and a later process loads it."""
+    monkeypatch.setattr(stencil, "SAVE_SECONDS", 3600)
+    a = fresh_library()
+    _check(asm("mov eax, 7\nimul eax, eax, 6\nhlt"))
+    assert a.lib.compiled > 0 and a.lib.store.pending and not list(tmp_path.rglob("*.stl"))
+    monkeypatch.setattr(stencil, "SAVE_BATCH", 1)
+    _check(asm("mov eax, 7\nshl eax, 3\nhlt"))
+    assert not a.lib.store.pending and len(list(tmp_path.rglob("*.stl"))) == 1
+    monkeypatch.setattr(stencil, "SAVE_BATCH", 10**6)
+    _check(asm("mov eax, 7\nrol eax, 3\nhlt"))
+    assert a.lib.store.pending
+    b = fresh_library()                     # flushes a's store, as exit does
+    assert len(list(tmp_path.rglob("*.stl"))) == 2
+    _check(asm("mov eax, 7\nrol eax, 3\nhlt"))
+    assert b.lib.loaded > 0 and b.lib.compiled == 0
+
+
 def test_corrupt_store_files_are_ignored(fresh_library, tmp_path):
     fresh_library()
     code = asm("mov eax, 7\nimul eax, eax, 6\nhlt")
     _check(code)
+    stencil.flush_stores()
     files = list(tmp_path.rglob("*.stl"))
     assert files
     for p in files:
