@@ -537,9 +537,10 @@ _HOLE_INDEX = {h: i for i, h in enumerate(_HOLE_NAMES)}
 _REL = struct.Struct("<IBBBq")           # offset, size, pc-relative, hole, addend
 _MAGIC = b"BTVMSTL3"
 MERGE_AT = 64
-# New records are written SAVE_BATCH at a time, or those of the last SAVE_SECONDS when fewer, and
-# at exit and before a fork (flush_stores): a file per compile was ~1,000 small writes, ~1 s of a
-# cold Linux boot.  A run killed with SIGKILL loses only the pending ones.
+# New records are written SAVE_BATCH at a time, or all pending ones by the first save at least
+# SAVE_SECONDS after the last write, and at exit and before a fork (flush_stores): a file per
+# compile was ~1,000 small writes, ~1 s of a cold Linux boot.  A run killed by a signal btvm does
+# not handle loses the pending ones (they are compiled again next time).
 SAVE_BATCH = 256
 SAVE_SECONDS = 2.0
 _STORES = weakref.WeakSet()

@@ -112,13 +112,16 @@ class Optimizer:
         """Let the worker thread finish the compile in progress and start no other (run at
         interpreter exit).  exit() runs LLVM's static destructors -- its pass registries, its
         value-type tables -- and a compile still running on the daemon thread then crashed the
-        process: SelectionDAG assertions or segfaults as short user-mode guests exited."""
+        process: SelectionDAG assertions or segfaults as short user-mode guests exited.  Regions
+        dropped here are not stored: a later run promotes them again."""
         if self._closed:
             return
         with self._wake:
             self._closed = True
             self.inflight -= len(self._todo)
             self._todo.clear()
+        if self.process:
+            return      # compiled by the worker process: nothing of LLVM's runs in this one
         with self._busy:
             pass
 

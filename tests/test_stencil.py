@@ -101,6 +101,39 @@ def test_store_writes_in_batches_and_at_exit(fresh_library, tmp_path, monkeypatc
     assert b.lib.loaded > 0 and b.lib.compiled == 0
 
 
+_EXIT_WRITES = r'''
+import os, sys
+from pathlib import Path
+from bt import stencil
+from runtime.snippet import run_case
+from tests.helpers import asm, make_case
+stencil._shared = stencil.Builder(stencil.Library(stencil.Store(Path(sys.argv[1]), "v" * 24)))
+run_case(make_case(asm("mov eax, 7\nimul eax, eax, 6\nhlt")))
+before = len(list(Path(sys.argv[1]).rglob("*.stl")))
+if sys.argv[2] == "fork":
+    pid = os.fork()         # the parent writes what is pending first; the child has nothing left
+    if pid == 0:
+        sys.exit(0)
+    os.waitpid(pid, 0)
+    print(before, len(list(Path(sys.argv[1]).rglob("*.stl"))), flush=True)
+'''
+
+
+@pytest.mark.parametrize("how", ["exit", "fork"])
+def test_pending_records_are_written_at_exit_and_fork_once(tmp_path, how):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", _EXIT_WRITES, str(tmp_path), how], capture_output=True, text=True,
+                       timeout=120, cwd=root, env=dict(os.environ, BTVM_NO_CACHE="1"))
+    assert p.returncode == 0, p.stderr
+    files = list(tmp_path.rglob("*.stl"))
+    if how == "fork":
+        assert p.stdout.split() == ["0", "1"]       # nothing before the fork, one file at it
+    assert len(files) == 1                          # written once: the child and the exit add none
+
+
 def test_corrupt_store_files_are_ignored(fresh_library, tmp_path):
     fresh_library()
     code = asm("mov eax, 7\nimul eax, eax, 6\nhlt")

@@ -1,7 +1,8 @@
 """Tier 2 (bt/tier2.py): hot regions recompiled at -O2 must behave exactly like tier 1.
 
-Every test forces promotion with a small hot threshold and a synchronous optimizer, so
-the swap happens at a deterministic point, and compares with Unicorn (the oracle)."""
+The tests force promotion with a small hot threshold and, unless they are about the optimizer's
+thread or worker process, a synchronous optimizer, so the swap happens at a deterministic point;
+they compare with Unicorn (the oracle)."""
 import json
 import os
 import subprocess
@@ -508,7 +509,8 @@ def test_base_register_window_does_not_cover_an_access_after_the_register_moved(
         sn.close()
 
 
-# A module that takes LLVM ~0.3 s to compile at -O2: long enough to be in flight at exit.
+# A module that takes LLVM ~0.1-0.3 s to compile at -O2; the script exits as soon as the first
+# compile has started.
 _EXIT_RACE = r'''
 import atexit, sys, time
 from bt import tier2
@@ -522,7 +524,8 @@ opt = tier2.Optimizer(sync=False)
 atexit.register(lambda: print("at exit: busy" if opt.busy() else "at exit: idle", len(opt.done)))
 for _ in range(3):
     opt.submit(tier2.Job(None, [], [], [], [], [], "\n".join(body)))
-time.sleep(0.05)
+while not opt.busy() and not opt.done:
+    time.sleep(0.001)
 '''
 
 
