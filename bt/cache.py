@@ -247,7 +247,7 @@ class CodeCache:
         if not first.insns:
             raise DecodeError(first.stop_reason or "undecodable")
         if self.stencils is not None:
-            tb = self._from_stencils(first)
+            tb = self._from_stencils(first, window)
             self.counters["translate_seconds_x1e6"] += int((time.perf_counter() - t0) * 1e6)
             if tb is not None:
                 return tb
@@ -311,8 +311,9 @@ class CodeCache:
                     self.counters["persistent_stores"] += 1
         return self._adopt(adopted, eip, key, fresh)
 
-    def _from_stencils(self, blk):
-        """The block at blk instantiated from stencils (bt.stencil), or None to compile it with LLVM."""
+    def _from_stencils(self, blk, window=None):
+        """The block at blk instantiated from stencils (bt.stencil), or None to compile it with LLVM.
+        window: fetch(blk.eip, diskcache.WINDOW) if the caller has it (no guest code ran since)."""
         memo_key = (blk.eip, blk.key, blk.raw)
         hit = _MEMO.get(memo_key)
         if hit is not None and hit.stenciled:
@@ -336,7 +337,7 @@ class CodeCache:
         _MEMO[memo_key] = tb
         if self.disk is not None:
             # The window now: at save time the guest memory may be gone (a closed snippet).
-            self._unsaved.append((tb, recipe, self.fetch(tb.eip, diskcache.WINDOW)))
+            self._unsaved.append((tb, recipe, window if window is not None else self.fetch(tb.eip, diskcache.WINDOW)))
             if len(self._unsaved) >= STENCIL_BATCH or time.monotonic() - self._saved_at > STENCIL_SAVE_SECONDS:
                 self.save_stencil_blocks()
         return self._adopt([tb], blk.eip, blk.key, fresh={tb})
