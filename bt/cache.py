@@ -42,8 +42,9 @@ TRACK = None
 _DISKS = {}
 # Blocks built from stencils are stored STENCIL_BATCH at a time, or those of the last
 # STENCIL_SAVE_SECONDS when fewer (a run killed with SIGKILL loses only those), and at exit and
-# before a fork.
-STENCIL_BATCH = 128
+# before a fork.  512 rather than 128: a cold Linux boot's saves took 0.54 s instead of 0.68 s
+# (108 entries instead of 435), and warm boots from either took the same time.
+STENCIL_BATCH = 512
 STENCIL_SAVE_SECONDS = 2.0
 STENCIL_TIER = 3            # the disk-cache entry kind of stencil recipes
 
