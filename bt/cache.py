@@ -67,13 +67,16 @@ _LIVE = weakref.WeakSet()
 
 
 def save_all():
-    """Store every cache's unsaved stencil blocks (at exit and before a fork)."""
+    """Store what is pending for the cache folder -- every cache's unsaved stencil blocks, the
+    stencil stores' new records -- at exit, before a fork, and before btvm dies of its guest's
+    signal (runtime/cli.py)."""
     for c in list(_LIVE):
         if c._unsaved and c.disk is not None:
             try:
                 c.save_stencil_blocks()
             except Exception:
                 pass
+    stencil.flush_stores()
 
 
 atexit.register(save_all)

@@ -22,7 +22,6 @@ field fixed (LEVELS), and a shape that cannot be made a stencil at all leaves it
 LLVM tier-1 path.  Stencils are kept in memory and on disk (bt.diskcache's folder), keyed by
 a hash of the shape and the translator version, so each is compiled once per machine.
 """
-import atexit
 import ctypes
 import dataclasses
 import hashlib
@@ -538,7 +537,7 @@ _REL = struct.Struct("<IBBBq")           # offset, size, pc-relative, hole, adde
 _MAGIC = b"BTVMSTL3"
 MERGE_AT = 64
 # New records are written SAVE_BATCH at a time, or all pending ones by the first save at least
-# SAVE_SECONDS after the last write, and at exit and before a fork (flush_stores): a file per
+# SAVE_SECONDS after the last write, and at exit and before a fork (bt.cache.save_all): a file per
 # compile was ~1,000 small writes, ~1 s of a cold Linux boot.  A run killed by a signal btvm does
 # not handle loses the pending ones (they are compiled again next time).
 SAVE_BATCH = 256
@@ -650,17 +649,13 @@ class Store:
 
 
 def flush_stores():
-    """Write every store's pending records (at exit and before a fork: the child would write them
-    again)."""
+    """Write every store's pending records (bt.cache.save_all calls it at exit and before a fork:
+    the child would write them again)."""
     for store in list(_STORES):
         try:
             store.flush()
         except Exception:
             pass
-
-
-atexit.register(flush_stores)
-os.register_at_fork(before=flush_stores)
 
 
 # ---- ELF relocatable objects -------------------------------------------------------------

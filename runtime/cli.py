@@ -95,9 +95,8 @@ def _cmd_run(args):
     sys.stderr.flush()
     if status < 0:
         sig = -status
-        from bt import cache, stencil
+        from bt import cache
         cache.save_all()                 # what exit would store: the signal skips atexit
-        stencil.flush_stores()
         try:
             signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
