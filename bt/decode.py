@@ -7,6 +7,7 @@ semantics never see Capstone types.
 """
 import ctypes
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import capstone
@@ -177,22 +178,44 @@ def _cstr(b):
     return b[:b.index(0)].decode() if 0 in b else b.decode()
 
 
+# cs_disasm_iter decodes one instruction into a buffer of the caller's: a block takes exactly
+# the instructions it needs (cs_disasm decodes, with detail, as many as it is asked for, and most
+# blocks end long before any fixed count).  One buffer per thread (tier 2 decodes too).
+_ITER = capstone._cs["cs_disasm_iter"]          # a function object of our own: prototypes set here
+_ITER.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t),
+                  ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p]
+_ITER.restype = ctypes.c_bool
+_MALLOC = capstone._cs["cs_malloc"]
+_MALLOC.argtypes = [ctypes.c_size_t]
+_MALLOC.restype = ctypes.c_void_p
+_BUFFERS = threading.local()
+
+
+def _insn_buffer(bits):
+    """This thread's cs_insn (with detail) for mode bits: allocated once, kept for good."""
+    buf = getattr(_BUFFERS, "m%d" % bits, None)
+    if buf is None:
+        buf = _MALLOC(_disassembler(bits).csh)
+        if not buf:
+            raise MemoryError("Capstone could not allocate an instruction")
+        setattr(_BUFFERS, "m%d" % bits, buf)
+    return buf
+
+
 def disasm(code, addr, count, bits=32):
     """Decode up to count instructions of code (bytes) at addr: a generator of Insns that stops
-    at the first bytes that are not an instruction.  Each Insn is built only when asked for (a
-    block ends long before the count, usually): close the generator early to free Capstone's
-    memory at once."""
-    cs = _disassembler(bits)
-    arr = ctypes.POINTER(capstone._cs_insn)()
-    n = capstone._cs.cs_disasm(cs.csh, code, len(code), addr, count, ctypes.byref(arr))
-    if n <= 0:
-        return
-    try:
-        buf = ctypes.string_at(ctypes.addressof(arr.contents), n * _INSN_SIZE)
-        for k in range(n):
-            yield _normalize(buf, k * _INSN_SIZE, bits)
-    finally:
-        capstone._cs.cs_free(arr, n)
+    at the first bytes that are not an instruction.  Each instruction is decoded only when
+    asked for."""
+    csh = _disassembler(bits).csh
+    insn = _insn_buffer(bits)
+    keep = ctypes.c_char_p(code if type(code) is bytes else bytes(code))   # read in place
+    ptr = ctypes.c_void_p(ctypes.cast(keep, ctypes.c_void_p).value)
+    size = ctypes.c_size_t(len(code))
+    address = ctypes.c_uint64(addr)
+    refs = ctypes.byref(ptr), ctypes.byref(size), ctypes.byref(address)
+    while count > 0 and _ITER(csh, *refs, insn):
+        count -= 1
+        yield _normalize(ctypes.string_at(insn, _INSN_SIZE), 0, bits)
 
 
 # Instructions decoded before, by (mode bits, bytes): a block's instructions are mostly forms
@@ -289,33 +312,27 @@ def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS, starts_
     if key & S.KEY_STEP:
         max_insns = 1
     page_end = (eip & ~(PAGE - 1)) + PAGE
-    code = fetch(eip, page_end - eip + 15)
+    # The block's page first (one translation, one read); the 15 bytes past it only if an
+    # instruction may straddle the page end.
+    want = page_end - eip
+    code = fetch(eip, want)
     blk = Block(eip, key)
     pos = eip
-    # Capstone decodes (with detail) all it is asked for up front: a few instructions at a time,
-    # since most blocks are short (decoding 64 at once cost more than the rest of a block's decode).
-    chunk = 4
     while True:
-        want = min(chunk, max_insns - len(blk.insns))
-        got = 0
-        insns = disasm(code[pos - eip:], pos, want, bits)
-        try:
-            for insn in insns:
-                got += 1
-                if starts_block is not None and blk.insns and starts_block(insn):
-                    return blk
-                blk.insns.append(insn)
-                pos += insn.size
-                if ends_block(insn) or len(blk.insns) >= max_insns or pos >= page_end:
-                    return blk
-        finally:
-            insns.close()
-        if got < want:
+        for insn in disasm(code[pos - eip:] if pos != eip else code, pos, max_insns - len(blk.insns), bits):
+            if starts_block is not None and blk.insns and starts_block(insn):
+                return blk
+            blk.insns.append(insn)
+            pos += insn.size
+            if ends_block(insn) or len(blk.insns) >= max_insns or pos >= page_end:
+                return blk
+        if want != page_end - eip or len(code) < want or page_end - pos >= 15:
             break
-        chunk = 16
+        want += 15
+        code = fetch(eip, want)
     # Capstone stopped: the bytes at pos do not decode, or were cut short by
     # memory that could not be fetched (the fetch fault is raised only if reached).
-    truncated = len(code) < page_end - eip + 15
+    truncated = len(code) < want
     left = len(code) - (pos - eip)
     blk.stop_reason = "fetch" if truncated and left < 15 else "undecodable"
     return blk
