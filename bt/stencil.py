@@ -356,6 +356,10 @@ class Library:
         self.modules = 0
         self.shared = 0             # shapes that took a stencil compiled for another shape
         self.by_ir = {}             # _ir_signature -> Stencil or None
+        # Builder's Pieces: (instruction bytes, key, page crossing of a final exit) -> Piece, and
+        # the block heads' and tails'.  A level that rises later for an instruction's kind does
+        # not make its piece wrong: that stencil emitted with those holes open.
+        self.pieces = {}
 
     def shape(self, insn, key, block_eip):
         """The InsnShape of insn at the level known to work for its kind (or the first)."""
@@ -406,17 +410,17 @@ class Library:
         sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip, sh.open_regs)
 
     def _optimize(self, mod):
-        """A short pipeline: inline the soft-MMU helpers, fold the holes' arithmetic, share
-        repeated state loads.  LLVM's -O2 pipeline costs 4x more per stencil here for code
-        only 2% smaller (measured); a fresh PassBuilder per module, as bt.jit explains."""
+        """A short pipeline: inline the soft-MMU helpers (and drop them: nothing else should
+        spend time on them), fold the holes' arithmetic, merge the fault paths.  Measured on a
+        Linux boot's 658 stencil modules: LLVM's -O2 pipeline costs 4x more for code 2% smaller,
+        and GVN and DCE after these passes took optimizing+codegen 1.7 -> 1.3 s for code 2%
+        smaller.  A fresh PassBuilder per module, as bt.jit explains."""
         pb = llvm.create_pass_builder(self.tm, llvm.create_pipeline_tuning_options(speed_level=0))
         mpm = llvm.create_new_module_pass_manager()
         mpm.add_always_inliner_pass()
+        mpm.add_global_dead_code_eliminate_pass()
         mpm.add_instruction_combine_pass()
         mpm.add_simplify_cfg_pass()
-        mpm.add_new_gvn_pass()
-        mpm.add_dead_code_elimination_pass()
-        mpm.add_global_dead_code_eliminate_pass()
         mpm.run(mod, pb)
 
     def _emit(self, sh, mt):
@@ -727,36 +731,67 @@ class Builder:
         it with LLVM).  The recipe (bytes) rebuilds the same code with rebuild(), without
         decoding: the disk cache stores it."""
         t0 = time.perf_counter()
-        key, n = block.key, len(block.insns)
-        lib = self.lib
-        shapes = [HeadShape(key, hot, emit.COUNT_EXECS)] + [lib.shape(i, key, block.eip) for i in block.insns]
-        sts = lib.get(shapes)
-        if any(s is None for s in sts):
-            return None
-        parts = list(zip(sts, shapes))
+        key, insns, lib = block.key, block.insns, self.lib
+        n, eip = len(insns), block.eip
+        pieces = lib.pieces
+        # Most instructions were met before, in this mode (push ebp, mov eax, [ebp+8]...): their
+        # piece is looked up by their bytes.  Relative branches hold their absolute target.
+        parts = [None] * (n + 1)
+        todo = []
+        last = n - 1
+        for j, insn in enumerate(insns):
+            at = _piece_key(insn, key, eip, j == last)
+            piece = pieces.get(at)
+            if piece is None:
+                todo.append(j)
+            else:
+                parts[j + 1] = piece
+        head_at = ("h", key, bool(hot), emit.COUNT_EXECS)
+        parts[0] = pieces.get(head_at)
+        if todo or parts[0] is None:
+            shapes = [lib.shape(insns[j], key, eip) for j in todo]
+            head = [HeadShape(key, hot, emit.COUNT_EXECS)] if parts[0] is None else []
+            sts = lib.get(head + shapes)
+            if any(st is None for st in sts):
+                return None
+            if head:
+                parts[0] = pieces[head_at] = Piece(sts[0], {"h_key": key}, _HEAD_VARS, _HEAD_MOVES)
+                sts = sts[1:]
+            if len(pieces) >= _SHAPES_MAX:
+                pieces.clear()
+            for j, sh, st in zip(todo, shapes, sts):
+                insn = insns[j]
+                fixed = {h: v for h, v in sh.values.items() if h not in _INSN_MOVES}
+                fixed["h_key"] = key    # shape keys leave KEY_STEP out (the jump-cache probe has it)
+                at = _piece_key(insn, key, eip, j == last)
+                if insn.relative and (at is None or "h_imm0" not in fixed):
+                    # Its target is part of the stencil (or not where _piece_key looks): this
+                    # piece is its own.
+                    parts[j + 1] = Piece(st, fixed, _INSN_VARS, sh.eip_holes())
+                    continue
+                if insn.relative:
+                    del fixed["h_imm0"]
+                parts[j + 1] = pieces[at] = Piece(st, fixed, _REL_VARS, sh.eip_holes())
+        # Each instruction's vars (_REL_VARS: a relative branch's target is its operand 0).
+        vals = [(eip, n)] + [(i.addr, (i.addr + i.size) & 0xFFFFFFFF, n - j, n - j - 1, i.ops and i.ops[0].imm & 0xFFFFFFFF)
+                             for j, i in enumerate(insns)]
         # Stop after the first stencil that never falls through (the rest cannot run).
-        for j, (st, _) in enumerate(parts):
-            if not st.falls_through:
-                parts = parts[:j + 1]
+        for j, piece in enumerate(parts):
+            if not piece.falls_through:
+                del parts[j + 1:]
                 break
         else:
-            tail = TailShape(key, (block.end ^ block.eip) & ~0xFFF)
-            st = lib.get([tail])[0]
-            if st is None:
-                return None
-            parts.append((st, tail))
-        plan = []
-        for k, (st, sh) in enumerate(parts):
-            if isinstance(sh, InsnShape):
-                vals = dict(sh.values, h_left=n - k + 1, h_left1=n - k)
-                moves = sh.eip_holes()
-            elif isinstance(sh, HeadShape):
-                vals, moves = {"h_beip": block.eip, "h_n": n}, _HEAD_MOVES
-            else:
-                vals, moves = {"h_target": block.end & 0xFFFFFFFF}, _TAIL_MOVES
-            vals["h_key"] = key         # shape keys leave KEY_STEP out (the jump-cache probe has it)
-            plan.append((st, vals, moves))
-        recipe = _assemble(plan)
+            cross = (block.end ^ eip) & ~0xFFF
+            tail_at = ("t", key, bool(cross))
+            piece = pieces.get(tail_at)
+            if piece is None:
+                st = lib.get([TailShape(key, cross)])[0]
+                if st is None:
+                    return None
+                piece = pieces[tail_at] = Piece(st, {"h_key": key}, _TAIL_VARS, _TAIL_MOVES)
+            parts.append(piece)
+            vals.append((block.end & 0xFFFFFFFF,))
+        recipe = _assemble(parts, vals)
         out = self._install(recipe, hot)
         self.seconds += time.perf_counter() - t0
         return out + (recipe,)
@@ -838,45 +873,109 @@ def movable(recipe):
     return _RECIPE_HEAD.unpack_from(recipe)[3] != _FIXED
 
 
-def _assemble(plan):
-    """The recipe (bytes) of [(Stencil, {value hole: value}, holes holding guest addresses
-    relative to the block or None)] placed one after the other."""
-    size = sum(len(st.code) for st, _, _ in plan)
-    buf = bytearray(size)
-    rels = []
-    moves = [] if all(m is not None for _, _, m in plan) else None
-    pos = nslots = 0
-    pack = struct.pack_into
-    for st, vals, eip_holes in plan:
-        buf[pos:pos + len(st.code)] = st.code
-        end = pos + len(st.code)
-        for kind, off, size_, pcrel, sym, addend, fmt, mask in st.plan:
-            at = pos + off
+class Piece:
+    """A stencil as one kind of instruction (or block head or tail) uses it: the values that are
+    the same wherever it is (registers, displacements, immediates, the mode key) patched in and
+    the continuation jumps resolved; what is left is the values that depend on where it is (its
+    vars, e.g. its address), the references to cells and to the block's own code, and which
+    values are guest addresses relative to the block (moves; None: it cannot move)."""
+    __slots__ = ("code", "patches", "rels", "moves", "nslots", "falls_through")
+
+    def __init__(self, st, fixed, var, eip_holes):
+        code = bytearray(st.code)
+        end = len(code)
+        patches, rels = [], []
+        moves = [] if eip_holes is not None else None
+        for kind, off, size, pcrel, sym, addend, fmt, mask in st.plan:
             if kind == _R_VALUE:
                 if moves is not None and sym in eip_holes:
-                    if size_ < 4:
-                        moves = None        # not a plain 32/64-bit value: this recipe stays put
+                    if size < 4:
+                        moves = None        # not a plain 32/64-bit value: the recipe stays put
                     else:
-                        moves.append((at, size_, addend))
-                pack(fmt, buf, at, (vals[sym] + addend) & mask)
+                        moves.append((off, size, addend))
+                if sym in fixed:
+                    struct.pack_into(fmt, code, off, (fixed[sym] + addend) & mask)
+                else:
+                    patches.append((off, fmt, mask, var.index(sym), addend))
             elif kind == _R_SLOT:
-                rels.append((at, size_, pcrel, nslots + sym, addend))
+                rels.append((off, size, pcrel, sym, addend, _BY_SLOT))
             elif kind == _R_CELL:
-                rels.append((at, size_, pcrel, sym, addend))
+                rels.append((off, size, pcrel, sym, addend, _AS_IS))
             elif kind == _R_CONT_PC:
-                pack(fmt, buf, at, (end + addend - at) & mask)
+                struct.pack_into(fmt, code, off, (end + addend - off) & mask)
             elif kind == _R_CONT:
-                rels.append((at, size_, False, _CODE, end + addend))
-            else:
+                rels.append((off, size, False, _CODE, end + addend, _BY_POS))
+            else:                           # a value a pc-relative reference turns position-dependent
                 if moves is not None and sym in eip_holes:
                     moves = None
-                rels.append((at, size_, True, _ZERO, vals[sym] + addend))
-        nslots += len(st.slots)
-        pos = end
+                if sym in fixed:
+                    rels.append((off, size, True, _ZERO, fixed[sym] + addend, _AS_IS))
+                else:
+                    rels.append((off, size, True, _ZERO, addend, _BY_VAR + var.index(sym)))
+        self.code = bytes(code)
+        self.patches = tuple(patches)
+        self.rels = tuple(rels)
+        self.moves = moves if moves is None else tuple(moves)
+        self.nslots = len(st.slots)
+        self.falls_through = st.falls_through
+
+
+# How a Piece's reference becomes the recipe's: as it is, by the chain slots before it, by its
+# position in the block, or by one of its vars (_BY_VAR + the var's index).
+_AS_IS, _BY_SLOT, _BY_POS, _BY_VAR = range(4)
+_INSN_VARS = ("h_eip", "h_next", "h_left", "h_left1")
+_REL_VARS = _INSN_VARS + ("h_imm0",)
+
+
+def _piece_key(insn, key, block_eip, last):
+    """What an instruction's Piece depends on besides its vars: its bytes, the mode key and,
+    for the exits of a block's last instruction under paging, whether they leave its page (see
+    InsnShape); None for a relative branch whose target is not operand 0."""
+    if insn.relative:
+        ops = insn.ops
+        if len(ops) != 1 or ops[0].kind != "imm":
+            return None
+        if key & S.KEY_PG:      # a relative branch always ends its block
+            return (insn.raw, key, bool((insn.next ^ block_eip) & ~0xFFF),
+                    bool(((ops[0].imm & 0xFFFFFFFF) ^ block_eip) & ~0xFFF))
+        return (insn.raw, key, None, None)
+    if last and key & S.KEY_PG and ends_block(insn):
+        return (insn.raw, key, bool((insn.next ^ block_eip) & ~0xFFF))
+    return (insn.raw, key, None)
+_HEAD_VARS = ("h_beip", "h_n")
+_TAIL_VARS = ("h_target",)
+
+
+def _assemble(parts, vals):
+    """The recipe (bytes) of the Pieces parts placed one after the other, with vals[k] the
+    values of part k's vars."""
+    buf = bytearray(b"".join([p.code for p in parts]))
+    rels, moves = [], []
+    pos = nslots = 0
+    pack = struct.pack_into
+    for p, v in zip(parts, vals):
+        for off, fmt, mask, w, addend in p.patches:
+            pack(fmt, buf, pos + off, (v[w] + addend) & mask)
+        for off, size, pcrel, base, value, how in p.rels:
+            if how == _BY_SLOT:
+                base += nslots
+            elif how == _BY_POS:
+                value += pos
+            elif how >= _BY_VAR:
+                value += v[how - _BY_VAR]
+            rels.append((pos + off, size, pcrel, base, value))
+        if moves is not None:
+            if p.moves is None:
+                moves = None
+            else:
+                for off, size, addend in p.moves:
+                    moves.append((pos + off, size, addend))
+        nslots += p.nslots
+        pos += len(p.code)
     assert nslots < _HOT
     if moves is not None and len(moves) >= _FIXED:
         moves = None
-    return (_RECIPE_HEAD.pack(size, len(rels), nslots, _FIXED if moves is None else len(moves))
+    return (_RECIPE_HEAD.pack(pos, len(rels), nslots, _FIXED if moves is None else len(moves))
             + b"".join(_CELL_REL.pack(*r) for r in rels)
             + b"".join(_MOVE_REL.pack(*m) for m in moves or ()) + bytes(buf))
 

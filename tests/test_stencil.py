@@ -257,6 +257,51 @@ def test_single_step_blocks_share_the_stencils(fresh_library):
     _check(code + asm("hlt"), regs={"ebx": len(code)})
 
 
+def test_pieces_give_the_recipes_a_fresh_library_gives(fresh_library):
+    """Builder keeps each instruction's stencil with its fixed values patched in (a Piece, looked
+    up by the instruction's bytes): the same bytes at other addresses, on another page and
+    across page ends, must give byte for byte the recipe that a library without pieces gives."""
+    from bt import state as S
+    from bt.decode import decode_block
+    from bt.semantics import ends_block, starts_block
+    code = asm("""
+        push ebp
+        mov ebp, esp
+        mov eax, dword ptr [ebp + 8]
+        add eax, 0x12345
+        cmp eax, 7
+        jne l1
+        call l2
+    l1: lea edx, [eax + ecx*4 - 0x80]
+        mov dword ptr [0x3000 + ecx*4], edx
+        jmp l2
+    l2: shl eax, 3
+        loop l1
+        jecxz l3
+        pop ebp
+        ret
+    l3: mov eax, dword ptr [0xFF8]
+        jmp eax""")
+    key = S.make_key(cpl=0) | S.KEY_PG
+
+    def recipes(builder, at):
+        fetch = lambda a, n: code[a - at:a - at + n] if a >= at else b""     # noqa: E731
+        out, pos = [], at
+        while pos < at + len(code):
+            blk = decode_block(fetch, pos, key, ends_block, starts_block=starts_block)
+            out.append(builder.build(blk, 100)[-1])
+            pos = blk.end
+        return out
+
+    warm = fresh_library()
+    recipes(warm, 0x1000)
+    held = len(warm.lib.pieces)
+    for at in (0x7FF3, 0x12340, 0x2FFE0):
+        mine = recipes(warm, at)
+        assert mine == recipes(fresh_library(), at)
+    assert held > 10
+
+
 def test_shapes_with_the_same_ir_share_one_stencil(fresh_library):
     """Shapes of one instruction under keys that differ in a bit its code never looks at (IOPL
     for ADD) compile once; a bit it does look at (CPL for a memory access: the user TLB) gives
