@@ -6,6 +6,7 @@ semantics need is copied out of Capstone's objects into plain tuples here:
 semantics never see Capstone types.
 """
 import ctypes
+import functools
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class Insn:
     def next(self):
         return (self.addr + self.size) & 0xFFFFFFFF
 
-    @property
+    @functools.cached_property
     def relative(self):
         """A relative branch (jmp/jcc/call rel, loop, jecxz): its immediate is the absolute
         target, so its fields depend on its address, not only on its bytes."""
@@ -288,9 +289,10 @@ class Block:
         last = self.insns[-1]
         return last.addr + last.size
 
-    @property
+    @functools.cached_property
     def raw(self):
-        return b"".join(i.raw for i in self.insns)
+        # Asked for several times per block translated; decode_block has finished by then.
+        return b"".join([i.raw for i in self.insns])
 
     def pages(self):
         """Guest pages the block's bytes lie on (an instruction may straddle two)."""

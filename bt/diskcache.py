@@ -183,6 +183,9 @@ def _part(key):
     return "pg" if key & S.KEY_PG else "flat"
 
 
+_LAST_DIGEST = (None, None)
+
+
 class DiskCache:
     def __init__(self, root, fingerprint, max_bytes=None):
         self.root = Path(root)
@@ -209,7 +212,13 @@ class DiskCache:
 
     @staticmethod
     def _wdigest(window):
-        return hashlib.sha256(window).digest()[:8]
+        # A translation asks for the same window's digest two or three times in a row (one
+        # tuple, swapped whole: tier 2's thread may ask too).
+        global _LAST_DIGEST
+        last = _LAST_DIGEST
+        if last[0] is not window:
+            last = _LAST_DIGEST = (window, hashlib.sha256(window).digest()[:8])
+        return last[1]
 
     def lookup(self, eip, key, window, fetch):
         """A valid entry holding the block at (eip, key) whose first guest bytes are window

@@ -33,7 +33,7 @@ import weakref
 
 import llvmlite.binding as llvm
 
-from . import diskcache, emit, state as S
+from . import assemble, diskcache, emit, state as S
 from .codemem import Arena
 from .decode import Block, Reg
 from .emit import Emitter, Hole, HoleUse
@@ -724,6 +724,13 @@ class Builder:
         self.cells = Arena()
         self.blocks = 0
         self.seconds = 0.0
+        self._assembler = None
+
+    def assemble(self, blobs, vals):
+        """bt.assemble's recipe of the Pieces at blobs (their addresses) with vars vals (flat)."""
+        if self._assembler is None:         # compiled (or loaded) once, when a block is first built
+            self._assembler = assemble.Assembler()
+        return self._assembler(blobs, vals)
 
     def build(self, block, hot=0):
         """Instantiate block: (code address, [slot cell addresses], hot cell, counter cell,
@@ -737,19 +744,19 @@ class Builder:
         # Most instructions were met before, in this mode (push ebp, mov eax, [ebp+8]...): their
         # piece is looked up by their bytes.  Relative branches hold their absolute target.
         parts = [None] * (n + 1)
-        todo = []
+        todo = []           # (index, piece key) of the instructions without one
         last = n - 1
         for j, insn in enumerate(insns):
             at = _piece_key(insn, key, eip, j == last)
             piece = pieces.get(at)
             if piece is None:
-                todo.append(j)
+                todo.append((j, at))
             else:
                 parts[j + 1] = piece
         head_at = ("h", key, bool(hot), emit.COUNT_EXECS)
         parts[0] = pieces.get(head_at)
         if todo or parts[0] is None:
-            shapes = [lib.shape(insns[j], key, eip) for j in todo]
+            shapes = [lib.shape(insns[j], key, eip) for j, _ in todo]
             head = [HeadShape(key, hot, emit.COUNT_EXECS)] if parts[0] is None else []
             sts = lib.get(head + shapes)
             if any(st is None for st in sts):
@@ -759,11 +766,10 @@ class Builder:
                 sts = sts[1:]
             if len(pieces) >= _SHAPES_MAX:
                 pieces.clear()
-            for j, sh, st in zip(todo, shapes, sts):
+            for (j, at), sh, st in zip(todo, shapes, sts):
                 insn = insns[j]
                 fixed = {h: v for h, v in sh.values.items() if h not in _INSN_MOVES}
                 fixed["h_key"] = key    # shape keys leave KEY_STEP out (the jump-cache probe has it)
-                at = _piece_key(insn, key, eip, j == last)
                 if insn.relative and (at is None or "h_imm0" not in fixed):
                     # Its target is part of the stencil (or not where _piece_key looks): this
                     # piece is its own.
@@ -771,10 +777,12 @@ class Builder:
                     continue
                 if insn.relative:
                     del fixed["h_imm0"]
-                parts[j + 1] = pieces[at] = Piece(st, fixed, _REL_VARS, sh.eip_holes())
-        # Each instruction's vars (_REL_VARS: a relative branch's target is its operand 0).
-        vals = [(eip, n)] + [(i.addr, (i.addr + i.size) & 0xFFFFFFFF, n - j, n - j - 1, i.ops and i.ops[0].imm & 0xFFFFFFFF)
-                             for j, i in enumerate(insns)]
+                parts[j + 1] = pieces[at] = Piece(st, fixed, _INSN_VARS, sh.eip_holes())
+        # The parts' vars, flat (_INSN_VARS: a relative branch's target is its operand 0).
+        vals = [eip, n, *_NO_VARS[1:]]
+        for j, i in enumerate(insns):
+            ops = i.ops
+            vals += (i.addr, (i.addr + i.size) & 0xFFFFFFFF, n - j, n - j - 1, ops[0].imm & 0xFFFFFFFF if ops else 0)
         # Stop after the first stencil that never falls through (the rest cannot run).
         for j, piece in enumerate(parts):
             if not piece.falls_through:
@@ -790,8 +798,8 @@ class Builder:
                     return None
                 piece = pieces[tail_at] = Piece(st, {"h_key": key}, _TAIL_VARS, _TAIL_MOVES)
             parts.append(piece)
-            vals.append((block.end & 0xFFFFFFFF,))
-        recipe = _assemble(parts, vals)
+            vals += (block.end & 0xFFFFFFFF, *_NO_VARS)
+        recipe = self.assemble([p.addr for p in parts], vals)
         out = self._install(recipe, hot)
         self.seconds += time.perf_counter() - t0
         return out + (recipe,)
@@ -878,13 +886,14 @@ class Piece:
     the same wherever it is (registers, displacements, immediates, the mode key) patched in and
     the continuation jumps resolved; what is left is the values that depend on where it is (its
     vars, e.g. its address), the references to cells and to the block's own code, and which
-    values are guest addresses relative to the block (moves; None: it cannot move)."""
-    __slots__ = ("code", "patches", "rels", "moves", "nslots", "falls_through")
+    values are guest addresses relative to the block (moves; None: it cannot move).  Held as a
+    bt.assemble blob, which btvm_assemble places."""
+    __slots__ = ("blob", "addr", "falls_through")
 
     def __init__(self, st, fixed, var, eip_holes):
         code = bytearray(st.code)
         end = len(code)
-        patches, rels = [], []
+        patches, refs = [], []
         moves = [] if eip_holes is not None else None
         for kind, off, size, pcrel, sym, addend, fmt, mask in st.plan:
             if kind == _R_VALUE:
@@ -896,35 +905,35 @@ class Piece:
                 if sym in fixed:
                     struct.pack_into(fmt, code, off, (fixed[sym] + addend) & mask)
                 else:
-                    patches.append((off, fmt, mask, var.index(sym), addend))
+                    patches.append((off, size, var.index(sym), addend))
             elif kind == _R_SLOT:
-                rels.append((off, size, pcrel, sym, addend, _BY_SLOT))
+                refs.append((off, size, pcrel, sym, _BY_SLOT, addend))
             elif kind == _R_CELL:
-                rels.append((off, size, pcrel, sym, addend, _AS_IS))
+                refs.append((off, size, pcrel, sym, _AS_IS, addend))
             elif kind == _R_CONT_PC:
                 struct.pack_into(fmt, code, off, (end + addend - off) & mask)
             elif kind == _R_CONT:
-                rels.append((off, size, False, _CODE, end + addend, _BY_POS))
+                refs.append((off, size, False, _CODE, _BY_POS, end + addend))
             else:                           # a value a pc-relative reference turns position-dependent
                 if moves is not None and sym in eip_holes:
                     moves = None
                 if sym in fixed:
-                    rels.append((off, size, True, _ZERO, fixed[sym] + addend, _AS_IS))
+                    refs.append((off, size, True, _ZERO, _AS_IS, fixed[sym] + addend))
                 else:
-                    rels.append((off, size, True, _ZERO, addend, _BY_VAR + var.index(sym)))
-        self.code = bytes(code)
-        self.patches = tuple(patches)
-        self.rels = tuple(rels)
-        self.moves = moves if moves is None else tuple(moves)
-        self.nslots = len(st.slots)
+                    refs.append((off, size, True, _ZERO, _BY_VAR + var.index(sym), addend))
+        self.blob = assemble.blob(bytes(code), patches, refs, moves, len(st.slots))
+        self.addr = assemble.address(self.blob)
         self.falls_through = st.falls_through
 
 
 # How a Piece's reference becomes the recipe's: as it is, by the chain slots before it, by its
 # position in the block, or by one of its vars (_BY_VAR + the var's index).
 _AS_IS, _BY_SLOT, _BY_POS, _BY_VAR = range(4)
-_INSN_VARS = ("h_eip", "h_next", "h_left", "h_left1")
-_REL_VARS = _INSN_VARS + ("h_imm0",)
+# A part's vars (bt.assemble.NVARS of them): an instruction's, a block head's, a tail's.
+_INSN_VARS = ("h_eip", "h_next", "h_left", "h_left1", "h_imm0")
+_HEAD_VARS = ("h_beip", "h_n")
+_TAIL_VARS = ("h_target",)
+_NO_VARS = (0,) * (assemble.NVARS - 1)
 
 
 def _piece_key(insn, key, block_eip, last):
@@ -942,42 +951,6 @@ def _piece_key(insn, key, block_eip, last):
     if last and key & S.KEY_PG and ends_block(insn):
         return (insn.raw, key, bool((insn.next ^ block_eip) & ~0xFFF))
     return (insn.raw, key, None)
-_HEAD_VARS = ("h_beip", "h_n")
-_TAIL_VARS = ("h_target",)
-
-
-def _assemble(parts, vals):
-    """The recipe (bytes) of the Pieces parts placed one after the other, with vals[k] the
-    values of part k's vars."""
-    buf = bytearray(b"".join([p.code for p in parts]))
-    rels, moves = [], []
-    pos = nslots = 0
-    pack = struct.pack_into
-    for p, v in zip(parts, vals):
-        for off, fmt, mask, w, addend in p.patches:
-            pack(fmt, buf, pos + off, (v[w] + addend) & mask)
-        for off, size, pcrel, base, value, how in p.rels:
-            if how == _BY_SLOT:
-                base += nslots
-            elif how == _BY_POS:
-                value += pos
-            elif how >= _BY_VAR:
-                value += v[how - _BY_VAR]
-            rels.append((pos + off, size, pcrel, base, value))
-        if moves is not None:
-            if p.moves is None:
-                moves = None
-            else:
-                for off, size, addend in p.moves:
-                    moves.append((pos + off, size, addend))
-        nslots += p.nslots
-        pos += len(p.code)
-    assert nslots < _HOT
-    if moves is not None and len(moves) >= _FIXED:
-        moves = None
-    return (_RECIPE_HEAD.pack(pos, len(rels), nslots, _FIXED if moves is None else len(moves))
-            + b"".join(_CELL_REL.pack(*r) for r in rels)
-            + b"".join(_MOVE_REL.pack(*m) for m in moves or ()) + bytes(buf))
 
 
 _shared = None

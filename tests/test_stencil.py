@@ -300,6 +300,11 @@ def test_pieces_give_the_recipes_a_fresh_library_gives(fresh_library):
         mine = recipes(warm, at)
         assert mine == recipes(fresh_library(), at)
     assert held > 10
+    # btvm_assemble with buffers too small for one part and one recipe: they grow.
+    small = fresh_library()
+    small.assemble([], [])
+    small._assembler._grow(1, 16)
+    assert recipes(small, 0x7FF3) == recipes(warm, 0x7FF3)
 
 
 def test_shapes_with_the_same_ir_share_one_stencil(fresh_library):
