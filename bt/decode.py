@@ -6,7 +6,6 @@ semantics need is copied out of Capstone's objects into plain tuples here:
 semantics never see Capstone types.
 """
 import ctypes
-import functools
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -73,16 +72,13 @@ class Insn:
     addrsize: int       # 2 or 4
     seg_override: object  # segment index or None
     groups: tuple = ()
+    # A relative branch (jmp/jcc/call rel, loop, jecxz): its immediate is the absolute target,
+    # so its fields depend on its address, not only on its bytes.
+    relative: bool = False
 
     @property
     def next(self):
         return (self.addr + self.size) & 0xFFFFFFFF
-
-    @functools.cached_property
-    def relative(self):
-        """A relative branch (jmp/jcc/call rel, loop, jecxz): its immediate is the absolute
-        target, so its fields depend on its address, not only on its bytes."""
-        return capstone.CS_GRP_BRANCH_RELATIVE in self.groups
 
     def text(self):
         return f"{self.mnemonic} {self.op_str}".strip()
@@ -193,22 +189,24 @@ _BUFFERS = threading.local()
 
 
 def _insn_buffer(bits):
-    """This thread's cs_insn (with detail) for mode bits: allocated once, kept for good."""
-    buf = getattr(_BUFFERS, "m%d" % bits, None)
-    if buf is None:
-        buf = _MALLOC(_disassembler(bits).csh)
+    """This thread's cs_insn (with detail) for mode bits, allocated once and kept for good:
+    (Capstone handle, the cs_insn's address, a view of its bytes), as _ITER takes them."""
+    got = getattr(_BUFFERS, "m%d" % bits, None)
+    if got is None:
+        csh = _disassembler(bits).csh
+        buf = _MALLOC(csh)
         if not buf:
             raise MemoryError("Capstone could not allocate an instruction")
-        setattr(_BUFFERS, "m%d" % bits, buf)
-    return buf
+        got = (csh, ctypes.c_void_p(buf), (ctypes.c_char * _INSN_SIZE).from_address(buf))
+        setattr(_BUFFERS, "m%d" % bits, got)
+    return got
 
 
 def disasm(code, addr, count, bits=32):
     """Decode up to count instructions of code (bytes) at addr: a generator of Insns that stops
     at the first bytes that are not an instruction.  Each instruction is decoded only when
     asked for."""
-    csh = _disassembler(bits).csh
-    insn = _insn_buffer(bits)
+    csh, insn, view = _insn_buffer(bits)
     keep = ctypes.c_char_p(code if type(code) is bytes else bytes(code))   # read in place
     ptr = ctypes.c_void_p(ctypes.cast(keep, ctypes.c_void_p).value)
     size = ctypes.c_size_t(len(code))
@@ -216,7 +214,7 @@ def disasm(code, addr, count, bits=32):
     refs = ctypes.byref(ptr), ctypes.byref(size), ctypes.byref(address)
     while count > 0 and _ITER(csh, *refs, insn):
         count -= 1
-        yield _normalize(ctypes.string_at(insn, _INSN_SIZE), 0, bits)
+        yield _normalize(view, 0, bits)     # read before the next instruction overwrites it
 
 
 # Instructions decoded before, by (mode bits, bytes): a block's instructions are mostly forms
@@ -239,7 +237,7 @@ def _normalize(buf, at, bits):
         if len(_SEEN) >= _SEEN_MAX:
             _SEEN.clear()
         _SEEN[(bits, insn.raw)] = (insn.size, insn.raw, insn.id, insn.mnemonic, insn.op_str, insn.ops, insn.rep,
-                                   insn.lock, insn.opsize, insn.addrsize, insn.seg_override, insn.groups)
+                                   insn.lock, insn.opsize, insn.addrsize, insn.seg_override, insn.groups, False)
     return insn
 
 
@@ -270,8 +268,9 @@ def _normalize_detail(buf, at, bits):
             ops.append(Op("mem", osize, mem=_mem_operand(v0, v1, v2, v3, v4, addrsize, seg_override)))
         else:
             raise DecodeError("unknown operand type")
+    groups = tuple(groups[:ngroups])
     return Insn(address, size, raw[:size], iid, _cstr(mnemonic), _cstr(op_str), tuple(ops),
-                rep, lock, opsize, addrsize, seg_override, tuple(groups[:ngroups]))
+                rep, lock, opsize, addrsize, seg_override, groups, capstone.CS_GRP_BRANCH_RELATIVE in groups)
 
 
 @dataclass
@@ -289,10 +288,15 @@ class Block:
         last = self.insns[-1]
         return last.addr + last.size
 
-    @functools.cached_property
+    # Asked for several times per block translated (decode_block has finished by then).
+    _raw: bytes = field(default=None, repr=False, compare=False)
+
+    @property
     def raw(self):
-        # Asked for several times per block translated; decode_block has finished by then.
-        return b"".join([i.raw for i in self.insns])
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = b"".join([i.raw for i in self.insns])
+        return raw
 
     def pages(self):
         """Guest pages the block's bytes lie on (an instruction may straddle two)."""
