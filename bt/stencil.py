@@ -164,7 +164,6 @@ def _vreg(r, actual, vals):
     return v
 
 
-_SHAPES = {}            # (bytes, key, level, open_regs, crosses on fall-through) -> what InsnShape.__init__ computes
 _KEYS = {}              # shape key -> itself
 _KINDS = {}             # (instruction bytes, KEY_CS32) -> (Capstone id, operand kinds): Library.level's key
 _SHAPES_MAX = 1 << 17
@@ -175,9 +174,8 @@ class InsnShape:
     open_regs=False keeps the registers fixed even at levels 0 and 1 (see aliases)."""
 
     def __init__(self, insn, key, level, block_eip, open_regs=True):
-        # Called for every instruction of every block built: plain tuples, no dataclass copies,
-        # and the shape of an instruction whose holes do not depend on where it is (not a
-        # relative branch) is remembered by its bytes and its page decisions.
+        # Called for every instruction the first time Builder meets its bytes in a mode (after
+        # that its Piece is looked up): plain tuples, no dataclass copies.
         self.insn, self.tkey, self.level, self.block_eip = insn, key, level, block_eip
         self.open_regs = open_regs = open_regs and level < 2
         # Direct exits: whether each possible target leaves the block's page (only matters
@@ -189,12 +187,6 @@ class InsnShape:
                     if op.kind == "imm":
                         cross[f"h_imm{i}"] = bool(((op.imm & 0xFFFFFFFF) ^ block_eip) & ~0xFFF)
             cross["h_next"] = bool((insn.next ^ block_eip) & ~0xFFF)
-        memo = (insn.raw, key & ~S.KEY_STEP, level, open_regs, cross.get("h_next"))
-        seen = _SHAPES.get(memo)
-        if seen is not None:
-            self.actual, self.vregs, self.key, vals = seen
-            self.values = dict(vals, h_eip=insn.addr, h_next=insn.next)
-            return
         vals = {"h_eip": insn.addr, "h_next": insn.next}
         actual = self.actual = []    # register hole j -> the GPR index it holds here
         kops = []
@@ -228,15 +220,11 @@ class InsnShape:
         self.key = ("i", level, key & ~S.KEY_STEP, insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock,
                     insn.seg_override, insn.groups, tuple(kops), insn.raw if level == 2 else None,
                     tuple(sorted(self.cross.items())))
-        if not insn.relative:           # relative branches: their targets are absolute
-            if len(_SHAPES) >= _SHAPES_MAX:
-                _SHAPES.clear()
-                _KEYS.clear()
-            # Equal keys of different instructions share one tuple (a boot has ~40,000 distinct
-            # instructions but ~1,400 shapes).
-            self.key = _KEYS.setdefault(self.key, self.key)
-            _SHAPES[memo] = (tuple(actual), self.vregs, self.key,
-                             tuple((k, v) for k, v in vals.items() if k not in _INSN_MOVES))
+        # Equal keys of different instructions share one tuple (a boot has ~40,000 distinct
+        # instructions but ~1,400 shapes).
+        if len(_KEYS) >= _SHAPES_MAX:
+            _KEYS.clear()
+        self.key = _KEYS.setdefault(self.key, self.key)
 
     def eip_holes(self):
         """The holes whose values are guest addresses relative to the instruction (its own, the
