@@ -177,7 +177,7 @@ def _cstr(b):
 
 # cs_disasm_iter decodes one instruction into a buffer of the caller's: a block takes exactly
 # the instructions it needs (cs_disasm decodes, with detail, as many as it is asked for, and most
-# blocks end long before any fixed count).  One buffer per thread (tier 2 decodes too).
+# blocks end long before any fixed count).  One buffer per thread that decodes.
 _ITER = capstone._cs["cs_disasm_iter"]          # a function object of our own: prototypes set here
 _ITER.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t),
                   ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p]
