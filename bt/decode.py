@@ -226,13 +226,14 @@ _SEEN_MAX = 1 << 17
 _HEAD = _struct([(_I.address.offset, "Q"), (_I.size.offset, "H"), (_I.bytes.offset, "16s")])
 
 
-def _normalize(buf, at, bits):
-    """One Capstone cs_insn (at offset at of buf) as an Insn."""
+def _normalize(buf, at, bits, detail_at=None):
+    """One Capstone cs_insn (at offset at of buf) as an Insn; its detail is where the cs_insn
+    points, or at offset detail_at of buf (a copy)."""
     address, size, raw16 = _HEAD.unpack_from(buf, at)
     seen = _SEEN.get((bits, raw16[:size]))
     if seen is not None:
         return Insn(address, *seen)
-    insn = _normalize_detail(buf, at, bits)
+    insn = _normalize_detail(buf, at, bits, detail_at)
     if not insn.relative:
         if len(_SEEN) >= _SEEN_MAX:
             _SEEN.clear()
@@ -241,9 +242,12 @@ def _normalize(buf, at, bits):
     return insn
 
 
-def _normalize_detail(buf, at, bits):
+def _normalize_detail(buf, at, bits, detail_at=None):
     iid, address, size, raw, mnemonic, op_str, dptr = _INSN.unpack_from(buf, at)
-    d = ctypes.string_at(dptr, _DETAIL_SIZE)
+    if detail_at is None:
+        d = ctypes.string_at(dptr, _DETAIL_SIZE)
+    else:
+        d = bytes(buf[detail_at:detail_at + _DETAIL_SIZE])
     groups, ngroups, pfx, addrsize, nops = _DETAIL.unpack_from(d)
     rep = pfx[0] if pfx[0] in (0xF2, 0xF3) else 0
     lock = pfx[0] == 0xF0
@@ -271,6 +275,171 @@ def _normalize_detail(buf, at, bits):
     groups = tuple(groups[:ngroups])
     return Insn(address, size, raw[:size], iid, _cstr(mnemonic), _cstr(op_str), tuple(ops),
                 rep, lock, opsize, addrsize, seg_override, groups, capstone.CS_GRP_BRANCH_RELATIVE in groups)
+
+
+# ---- a block's instructions decoded in one native call -------------------------------------
+# decode_block with rules (block_rules()) calls btvm_decode once per block instead of Capstone
+# once per instruction from Python: it loops over cs_disasm_iter (whose address it is handed:
+# never part of IR that the disk cache keeps), applies the block rules from a table by
+# instruction id, and copies each instruction and its detail out for _normalize.
+RULE_ENDS, RULE_RESUMABLE = 1, 2
+_SLOT = _INSN_SIZE + _DETAIL_SIZE
+_STOP_MAX, _STOP_UNDECODED, _STOP_STARTS, _STOP_ENDS, _STOP_PAGE = range(1, 6)
+
+
+def block_rules(table, ends_block, starts_block):
+    """The rules bt.semantics gives decode_block, as btvm_decode reads them: a byte per
+    Capstone instruction id, RULE_ENDS if it ends a block, RULE_RESUMABLE if it must begin one
+    when it has a REP prefix.  ends_block and starts_block are the same rules as functions
+    (decode_block takes them too)."""
+    out = bytearray(X.X86_INS_ENDING)
+    for iid in range(X.X86_INS_ENDING):
+        info = table.get(iid)
+        out[iid] = (RULE_ENDS if info is None or info.ends_block else 0) | (RULE_RESUMABLE if info is not None and info.resumable else 0)
+    return _Rules(bytes(out), ends_block, starts_block)
+
+
+class _Rules:
+    __slots__ = ("table", "addr", "ends_block", "starts_block")
+
+    def __init__(self, table, ends_block, starts_block):
+        self.table, self.ends_block, self.starts_block = table, ends_block, starts_block
+        self.addr = ctypes.cast(ctypes.c_char_p(table), ctypes.c_void_p).value
+
+
+_NATIVE = None
+
+
+def _native():
+    global _NATIVE
+    if _NATIVE is None:
+        from .jit import ModuleText, shared_jit
+        mt = ModuleText("btvm_decode")
+        mt.functions.append(_DECODE_IR)
+        fns, _ = shared_jit().compile_cached(mt, ["btvm_decode"])
+        p = ctypes.c_void_p
+        u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+        _NATIVE = (ctypes.CFUNCTYPE(u64, p, ctypes.c_size_t, p, ctypes.c_char_p, u64, u64, u64, u32, u64, p, u32,
+                                    p, u32)(fns["btvm_decode"]),
+                   ctypes.cast(_ITER, ctypes.c_void_p).value)
+    return _NATIVE
+
+
+def _out_buffer():
+    """This thread's buffer for MAX_BLOCK_INSNS copied instructions: (ctypes buffer, view)."""
+    got = getattr(_BUFFERS, "out", None)
+    if got is None:
+        buf = ctypes.create_string_buffer(MAX_BLOCK_INSNS * _SLOT)
+        got = _BUFFERS.out = (buf, memoryview(buf).cast("B"))
+    return got
+
+
+def _decode_native(rules, code, start, pos, page_end, max_insns, bits, blk):
+    """Decode from pos (code holds the bytes from start on) into blk, natively: the position
+    reached and whether the block is complete (False: Capstone stopped at pos)."""
+    fn, iter_addr = _NATIVE or _native()
+    csh, insn, _ = _insn_buffer(bits)
+    out, view = _out_buffer()
+    got = fn(iter_addr, csh, insn, code, len(code), pos - start, pos,
+             max_insns - len(blk.insns), page_end, rules.addr, len(rules.table), out, len(blk.insns) > 0)
+    n, why = got & 0xFFFFFFFF, got >> 32
+    insns = blk.insns
+    for k in range(n):
+        at = k * _SLOT
+        insn = _normalize(view, at, bits, at + _INSN_SIZE)
+        insns.append(insn)
+        pos += insn.size
+    return pos, why != _STOP_UNDECODED
+
+
+_DECODE_IR = f'''
+declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
+
+define i64 @btvm_decode(ptr %iter, i64 %csh, ptr %insn, ptr %code, i64 %len, i64 %off, i64 %pos, i32 %max,
+                        i64 %page_end, ptr %table, i32 %ntable, ptr %out, i32 %had) nounwind {{
+entry:
+  %cnt = alloca i32
+  store i32 0, ptr %cnt
+  %codep = alloca ptr
+  %sizep = alloca i64
+  %addrp = alloca i64
+  %from = getelementptr i8, ptr %code, i64 %off
+  store ptr %from, ptr %codep
+  %left = sub i64 %len, %off
+  store i64 %left, ptr %sizep
+  store i64 %pos, ptr %addrp
+  %dpp = getelementptr i8, ptr %insn, i64 {_I.detail.offset}
+  %had1 = icmp ne i32 %had, 0
+  br label %head
+head:
+  %c = load i32, ptr %cnt
+  %full = icmp uge i32 %c, %max
+  br i1 %full, label %ret_max, label %dec
+dec:
+  %ok = call i1 %iter(i64 %csh, ptr %codep, ptr %sizep, ptr %addrp, ptr %insn)
+  br i1 %ok, label %got, label %ret_stop
+got:
+  %id = load i32, ptr %insn
+  %known = icmp ult i32 %id, %ntable
+  br i1 %known, label %look, label %have
+look:
+  %id64 = zext i32 %id to i64
+  %tp = getelementptr i8, ptr %table, i64 %id64
+  %t = load i8, ptr %tp
+  br label %have
+have:
+  %tv = phi i8 [ %t, %look ], [ {RULE_ENDS}, %got ]
+  %dp = load ptr, ptr %dpp
+  %pfxp = getelementptr i8, ptr %dp, i64 {_ARCH + _X.prefix.offset}
+  %pfx = load i8, ptr %pfxp
+  %isf2 = icmp eq i8 %pfx, -14
+  %isf3 = icmp eq i8 %pfx, -13
+  %rep = or i1 %isf2, %isf3
+  %resv = and i8 %tv, {RULE_RESUMABLE}
+  %res = icmp ne i8 %resv, 0
+  %some0 = icmp ne i32 %c, 0
+  %some = or i1 %some0, %had1
+  %s1 = and i1 %rep, %res
+  %starts = and i1 %s1, %some
+  br i1 %starts, label %ret_starts, label %take
+take:
+  %c64 = zext i32 %c to i64
+  %o = mul i64 %c64, {_SLOT}
+  %dst = getelementptr i8, ptr %out, i64 %o
+  call void @llvm.memcpy.p0.p0.i64(ptr %dst, ptr %insn, i64 {_INSN_SIZE}, i1 false)
+  %dst2 = getelementptr i8, ptr %dst, i64 {_INSN_SIZE}
+  call void @llvm.memcpy.p0.p0.i64(ptr %dst2, ptr %dp, i64 {_DETAIL_SIZE}, i1 false)
+  %c1 = add i32 %c, 1
+  store i32 %c1, ptr %cnt
+  %endv = and i8 %tv, {RULE_ENDS}
+  %ends = icmp ne i8 %endv, 0
+  br i1 %ends, label %ret_ends, label %next
+next:
+  %a = load i64, ptr %addrp
+  %past = icmp uge i64 %a, %page_end
+  br i1 %past, label %ret_page, label %head
+ret_max:
+  %rm = zext i32 %c to i64
+  %rm1 = or i64 %rm, {_STOP_MAX << 32}
+  ret i64 %rm1
+ret_stop:
+  %rs = zext i32 %c to i64
+  %rs1 = or i64 %rs, {_STOP_UNDECODED << 32}
+  ret i64 %rs1
+ret_starts:
+  %rb = zext i32 %c to i64
+  %rb1 = or i64 %rb, {_STOP_STARTS << 32}
+  ret i64 %rb1
+ret_ends:
+  %re = zext i32 %c1 to i64
+  %re1 = or i64 %re, {_STOP_ENDS << 32}
+  ret i64 %re1
+ret_page:
+  %rp = zext i32 %c1 to i64
+  %rp1 = or i64 %rp, {_STOP_PAGE << 32}
+  ret i64 %rp1
+}}
+'''
 
 
 @dataclass
@@ -305,14 +474,15 @@ class Block:
         return [first] if first == last else [first, last & 0xFFFFFFFF]
 
 
-def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS, starts_block=None):
+def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS, starts_block=None, rules=None):
     """Decode a basic block at eip.
 
     fetch(addr, n) returns up to n readable code bytes at addr (fewer at the end
     of executable memory).  ends_block(insn) says whether an instruction ends
     the block (control transfer, callout); starts_block(insn), whether the block
     must end before it.  The block also ends at a page boundary, so that
-    code-page tracking stays per page.
+    code-page tracking stays per page.  rules (block_rules() of the same two
+    functions) decodes the block in one native call.
     """
     bits = 32 if key & S.KEY_CS32 else 16
     if key & S.KEY_STEP:
@@ -325,13 +495,18 @@ def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS, starts_
     blk = Block(eip, key)
     pos = eip
     while True:
-        for insn in disasm(code[pos - eip:] if pos != eip else code, pos, max_insns - len(blk.insns), bits):
-            if starts_block is not None and blk.insns and starts_block(insn):
+        if rules is not None and type(code) is bytes:
+            pos, done = _decode_native(rules, code, eip, pos, page_end, max_insns, bits, blk)
+            if done:
                 return blk
-            blk.insns.append(insn)
-            pos += insn.size
-            if ends_block(insn) or len(blk.insns) >= max_insns or pos >= page_end:
-                return blk
+        else:
+            for insn in disasm(code[pos - eip:] if pos != eip else code, pos, max_insns - len(blk.insns), bits):
+                if starts_block is not None and blk.insns and starts_block(insn):
+                    return blk
+                blk.insns.append(insn)
+                pos += insn.size
+                if ends_block(insn) or len(blk.insns) >= max_insns or pos >= page_end:
+                    return blk
         if want != page_end - eip or len(code) < want or page_end - pos >= 15:
             break
         want += 15

@@ -70,3 +70,31 @@ def test_instructions_met_again_elsewhere_have_their_own_address():
             load, = decode.disasm(b"\x8b\x43\x04", at, 1)
             assert (jmp.addr, jmp.ops[0].imm, jmp.next) == (at, at + 7, at + 2)
             assert (load.addr, load.next, load.ops[1].mem.disp) == (at, at + 3, 4)
+
+
+def test_native_block_decoding_matches_the_python_loop():
+    """decode_block with rules (one native call per block: btvm_decode) gives the blocks the
+    Python loop over Capstone gives: same instructions and stop reason, at page ends, with the
+    next page unreadable or cut short, with REP string instructions that must begin a block,
+    in 16- and 32-bit code and single-stepping."""
+    from bt import state as S
+    from bt.semantics import TABLE, ends_block, starts_block
+    rules = decode.block_rules(TABLE, ends_block, starts_block)
+    rng = random.Random(11)
+    pieces = [b"\x8b\x44\x24\x08", b"\xf3\xa5", b"\xf3\xa4", b"\xf2\xae", b"\x66\x89\x18", b"\x74\x05",
+              b"\xe8\x00\x01\x00\x00", b"\x0f\x05", b"\x90", b"\xc3", b"\xcd\x80", b"\x0f\x0b"]
+    keys = [S.make_key(cpl=3), S.make_key(cpl=0) | S.KEY_PG, S.make_key(cpl=3) | S.KEY_STEP, 0]
+    for trial in range(3000):
+        blob = b"".join(rng.choice(pieces) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+                        for _ in range(rng.randrange(1, 80)))
+        base = 0x400000 + rng.choice([0, 0xF80, 0xFF0, 0xFFA])
+        end = rng.choice([len(blob), 0x1000 - (base & 0xFFF) + rng.randrange(0, 16)])
+
+        def fetch(a, n):
+            o = a - base
+            return blob[o:min(o + n, end)] if 0 <= o < end else b""
+        key, eip = rng.choice(keys), base + rng.randrange(0, 8)
+        want = decode.decode_block(fetch, eip, key, ends_block, starts_block=starts_block)
+        got = decode.decode_block(fetch, eip, key, ends_block, starts_block=starts_block, rules=rules)
+        assert [_fields(i) for i in got.insns] == [_fields(i) for i in want.insns], (trial, hex(eip))
+        assert got.stop_reason == want.stop_reason, (trial, hex(eip))
