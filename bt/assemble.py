@@ -1,4 +1,5 @@
-"""Native assembly of stencil recipes: bt.stencil's Pieces placed one after the other.
+"""Native assembly and installation of stencil recipes: bt.stencil's Pieces placed one after
+the other (btvm_assemble), and a recipe copied into code memory and patched (btvm_install).
 
 Assembling a block's recipe in Python cost ~20 us of a cold Linux boot's ~200 us per block
 translated (a loop over every Piece's patches and references).  The same work is one call into
@@ -44,6 +45,163 @@ def blob(code, patches, refs, moves, nslots):
 def address(data):
     """Where the bytes object data keeps its bytes (they never move while it lives)."""
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+
+
+_INSTALL_IR = r'''
+declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
+
+define internal i1 @btvm_store_sized(ptr %p, i8 %size, i64 %v) alwaysinline nounwind {
+entry:
+  switch i8 %size, label %bad [ i8 1, label %s1  i8 2, label %s2  i8 4, label %s4  i8 8, label %s8 ]
+s1:
+  %v1 = trunc i64 %v to i8
+  store i8 %v1, ptr %p, align 1
+  ret i1 true
+s2:
+  %v2 = trunc i64 %v to i16
+  store i16 %v2, ptr %p, align 1
+  ret i1 true
+s4:
+  %v4 = trunc i64 %v to i32
+  store i32 %v4, ptr %p, align 1
+  ret i1 true
+s8:
+  store i64 %v, ptr %p, align 1
+  ret i1 true
+bad:
+  ret i1 false
+}
+
+define i32 @btvm_install(ptr %recipe, i64 %code_at, i64 %ncode, ptr %dst, ptr %bases, i64 %nslots, i64 %nrel,
+                         i64 %rel_at, i64 %nmove, i64 %move_at, i64 %delta) nounwind {
+entry:
+  %i = alloca i64
+  %src = getelementptr i8, ptr %recipe, i64 %code_at
+  call void @llvm.memcpy.p0.p0.i64(ptr %dst, ptr %src, i64 %ncode, i1 false)
+  %addr = ptrtoint ptr %dst to i64
+  store i64 0, ptr %i
+  br label %mv.head
+mv.head:
+  %k = load i64, ptr %i
+  %mdone = icmp uge i64 %k, %nmove
+  br i1 %mdone, label %rel.init, label %mv.body
+mv.body:
+  %mo = mul i64 %k, 13
+  %mo1 = add i64 %mo, %move_at
+  %me = getelementptr i8, ptr %recipe, i64 %mo1
+  %moff32 = load i32, ptr %me, align 1
+  %moff = zext i32 %moff32 to i64
+  %msz.p = getelementptr i8, ptr %me, i64 4
+  %msz = load i8, ptr %msz.p, align 1
+  %mad.p = getelementptr i8, ptr %me, i64 5
+  %madd = load i64, ptr %mad.p, align 1
+  %msz64 = zext i8 %msz to i64
+  %mend = add i64 %moff, %msz64
+  %min = icmp ule i64 %mend, %ncode
+  %m4 = icmp eq i8 %msz, 4
+  %m8 = icmp eq i8 %msz, 8
+  %m48 = or i1 %m4, %m8
+  %mok = and i1 %min, %m48
+  br i1 %mok, label %mv.do, label %bad
+mv.do:
+  %mp = getelementptr i8, ptr %dst, i64 %moff
+  br i1 %m4, label %mv.4, label %mv.8
+mv.4:
+  %mv4 = load i32, ptr %mp, align 1
+  %mv4z = zext i32 %mv4 to i64
+  br label %mv.moved
+mv.8:
+  %mv8 = load i64, ptr %mp, align 1
+  br label %mv.moved
+mv.moved:
+  %mv = phi i64 [ %mv4z, %mv.4 ], [ %mv8, %mv.8 ]
+  %ma = sub i64 %mv, %madd
+  %mb = add i64 %ma, %delta
+  %mc = and i64 %mb, 4294967295
+  %md = add i64 %mc, %madd
+  %mstored = call i1 @btvm_store_sized(ptr %mp, i8 %msz, i64 %md)
+  %kn = add i64 %k, 1
+  store i64 %kn, ptr %i
+  br label %mv.head
+rel.init:
+  store i64 0, ptr %i
+  br label %rel.head
+rel.head:
+  %r = load i64, ptr %i
+  %rdone = icmp uge i64 %r, %nrel
+  br i1 %rdone, label %done, label %rel.body
+rel.body:
+  %ro = mul i64 %r, 15
+  %ro1 = add i64 %ro, %rel_at
+  %re = getelementptr i8, ptr %recipe, i64 %ro1
+  %roff32 = load i32, ptr %re, align 1
+  %roff = zext i32 %roff32 to i64
+  %rsz.p = getelementptr i8, ptr %re, i64 4
+  %rsz = load i8, ptr %rsz.p, align 1
+  %rpc.p = getelementptr i8, ptr %re, i64 5
+  %rpc = load i8, ptr %rpc.p, align 1
+  %rwh.p = getelementptr i8, ptr %re, i64 6
+  %rwh = load i8, ptr %rwh.p, align 1
+  %rad.p = getelementptr i8, ptr %re, i64 7
+  %radd = load i64, ptr %rad.p, align 1
+  %rsz64 = zext i8 %rsz to i64
+  %rend = add i64 %roff, %rsz64
+  %rin = icmp ule i64 %rend, %ncode
+  %which = zext i8 %rwh to i64
+  %isslot = icmp ult i64 %which, %nslots
+  %isfixed = icmp uge i8 %rwh, -4
+  %known = or i1 %isslot, %isfixed
+  %rok = and i1 %rin, %known
+  br i1 %rok, label %rel.base, label %bad
+rel.base:
+  %bp = getelementptr i64, ptr %bases, i64 %which
+  %base = load i64, ptr %bp
+  %iscell0 = icmp eq i8 %rwh, -4
+  %iscell1 = icmp eq i8 %rwh, -3
+  %iscell = or i1 %iscell0, %iscell1
+  %nobase = icmp eq i64 %base, 0
+  %missing = and i1 %iscell, %nobase
+  br i1 %missing, label %bad, label %rel.do
+rel.do:
+  %v0 = add i64 %base, %radd
+  %at = add i64 %addr, %roff
+  %pcrel = icmp ne i8 %rpc, 0
+  %vpc = sub i64 %v0, %at
+  %v = select i1 %pcrel, i64 %vpc, i64 %v0
+  %rp = getelementptr i8, ptr %dst, i64 %roff
+  %stored = call i1 @btvm_store_sized(ptr %rp, i8 %rsz, i64 %v)
+  br i1 %stored, label %rel.next, label %bad
+rel.next:
+  %rn = add i64 %r, 1
+  store i64 %rn, ptr %i
+  br label %rel.head
+done:
+  ret i32 0
+bad:
+  ret i32 1
+}
+'''
+
+
+class Installer:
+    """Calls btvm_install: a recipe's code copied to its place in code memory, its moving values
+    moved by delta and its references to cells and to its own code patched.  Everything it
+    writes is bounds-checked against the code's size: a recipe may come from the disk cache."""
+
+    def __init__(self):
+        from .jit import ModuleText, shared_jit
+        mt = ModuleText("btvm_install")
+        mt.functions.append(_INSTALL_IR)
+        fns, _ = shared_jit().compile_cached(mt, ["btvm_install"])
+        i64 = ctypes.c_int64
+        self._fn = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_char_p, i64, i64, ctypes.c_void_p, ctypes.c_void_p,
+                                    i64, i64, i64, i64, i64, i64)(fns["btvm_install"])
+        self.bases = (ctypes.c_int64 * 256)()       # chain slot i's cell at i; 252-255 as stencil._HOT...
+
+    def __call__(self, recipe, code_at, ncode, dst, nslots, nrel, rel_at, nmove, move_at, delta):
+        """0 if installed, 1 if the recipe is malformed (something then may have been written
+        inside dst's ncode bytes, never outside them)."""
+        return self._fn(recipe, code_at, ncode, dst, self.bases, nslots, nrel, rel_at, nmove, move_at, delta)
 
 
 class Assembler:

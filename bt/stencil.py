@@ -713,6 +713,7 @@ class Builder:
         self.blocks = 0
         self.seconds = 0.0
         self._assembler = None
+        self._installer = None
 
     def assemble(self, blobs, vals):
         """bt.assemble's recipe of the Pieces at blobs (their addresses) with vars vals (flat)."""
@@ -807,6 +808,8 @@ class Builder:
     def _install(self, recipe, hot, delta=0):
         """Copy a recipe's code into code memory with new cells for its chain slots and counters,
         and patch the references to them: (code address, [slot cells], hot cell, counter cell)."""
+        if type(recipe) is not bytes:
+            recipe = bytes(recipe)          # btvm_install reads it in place
         ncode, nrel, nslots, nmove = _RECIPE_HEAD.unpack_from(recipe)
         moves_at = _RECIPE_HEAD.size + nrel * _CELL_REL.size
         code_at = moves_at + (0 if nmove == _FIXED else nmove * _MOVE_REL.size)
@@ -819,25 +822,15 @@ class Builder:
         if hot:
             ctypes.c_int32.from_address(hot_cell).value = hot
         slots = [self.cells.alloc(8, 8) for _ in range(nslots)]
-        bases = {_HOT: hot_cell, _CNT: cnt_cell, _CODE: addr, _ZERO: 0}
-        buf = bytearray(recipe[code_at:])
-        if delta:
-            for k in range(nmove):
-                off, size, addend = _MOVE_REL.unpack_from(recipe, moves_at + k * _MOVE_REL.size)
-                fmt = _PACK[size]
-                v, = struct.unpack_from(fmt, buf, off)
-                v = ((v - addend + delta) & 0xFFFFFFFF) + addend
-                struct.pack_into(fmt, buf, off, v & _MASK[size])
-        pack = struct.pack_into
-        for off, size, pcrel, which, addend in _CELL_REL.iter_unpack(recipe[_RECIPE_HEAD.size:moves_at]):
-            base = slots[which] if which < nslots else bases[which]
-            if not base and which in (_HOT, _CNT):
-                raise ValueError("recipe needs a cell this run does not have")
-            v = base + addend
-            if pcrel:
-                v -= addr + off
-            pack(_PACK[size], buf, off, v & _MASK[size])
-        self.code.write(addr, buf)
+        inst = self._installer
+        if inst is None:
+            inst = self._installer = assemble.Installer()
+        bases = inst.bases
+        bases[:nslots] = slots
+        bases[_HOT], bases[_CNT], bases[_CODE] = hot_cell, cnt_cell, addr
+        if inst(recipe, code_at, ncode, addr, nslots, nrel, _RECIPE_HEAD.size, nmove if delta else 0, moves_at,
+                delta):
+            raise ValueError("malformed recipe")
         self.blocks += 1
         return addr, slots, hot_cell, cnt_cell
 

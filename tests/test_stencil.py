@@ -331,3 +331,72 @@ def test_shapes_with_the_same_ir_share_one_stencil(fresh_library):
     assert b2.lib.compiled == 0 and b2.lib.shared == 1
     _check(asm("mov eax, 5\n add eax, ebx\n mov ebx, 0x3000\n mov ecx, [ebx]\n hlt"), regs={"ebx": 7},
            data={0x3000: b"\x01\x02\x03\x04"})
+
+
+def _patched_by_hand(recipe, addr, slots, hot_cell, cnt_cell, delta):
+    """What Builder._install's native btvm_install must write: the recipe's code with its moving
+    values moved by delta and its cell and code references patched (the Python it replaced)."""
+    import struct
+    S_ = stencil
+    ncode, nrel, nslots, nmove = S_._RECIPE_HEAD.unpack_from(recipe)
+    moves_at = S_._RECIPE_HEAD.size + nrel * S_._CELL_REL.size
+    code_at = moves_at + (0 if nmove == S_._FIXED else nmove * S_._MOVE_REL.size)
+    bases = {S_._HOT: hot_cell, S_._CNT: cnt_cell, S_._CODE: addr, S_._ZERO: 0}
+    buf = bytearray(recipe[code_at:])
+    for k in range(nmove if delta else 0):
+        off, size, addend = S_._MOVE_REL.unpack_from(recipe, moves_at + k * S_._MOVE_REL.size)
+        v, = struct.unpack_from(S_._PACK[size], buf, off)
+        struct.pack_into(S_._PACK[size], buf, off, (((v - addend + delta) & 0xFFFFFFFF) + addend) & S_._MASK[size])
+    for off, size, pcrel, which, addend in S_._CELL_REL.iter_unpack(recipe[S_._RECIPE_HEAD.size:moves_at]):
+        v = (slots[which] if which < nslots else bases[which]) + addend - (addr + off if pcrel else 0)
+        struct.pack_into(S_._PACK[size], buf, off, v & S_._MASK[size])
+    return bytes(buf)
+
+
+def test_recipes_install_as_patched_by_hand_and_corrupt_ones_stay_in_bounds(fresh_library):
+    """btvm_install (bt.assemble) copies a recipe into code memory and patches it as the Python
+    above does, moved or not; a corrupt recipe (the disk cache's) is refused or installed, but
+    never written past its own code."""
+    import ctypes
+    import random
+    from bt import state as S
+    from bt.decode import decode_block
+    from bt.semantics import ends_block, starts_block
+    b = fresh_library()
+    code = asm("""
+        mov eax, dword ptr [ebp + 8]
+        add eax, 0x12345
+        jne l1
+        call l1
+    l1: lea edx, [eax + ecx*4 - 0x80]
+        mov dword ptr [0x3000 + ecx*4], edx
+        loop l1
+        ret""")
+    key = S.make_key(cpl=3) | S.KEY_PG
+    fetch = lambda a, n: code[a - 0x1000:a - 0x1000 + n] if a >= 0x1000 else b""     # noqa: E731
+    recipes, pos = [], 0x1000
+    while pos < 0x1000 + len(code):
+        blk = decode_block(fetch, pos, key, ends_block, starts_block=starts_block)
+        addr, slots, hot, cnt, recipe = b.build(blk, 100)
+        assert ctypes.string_at(addr, len(_patched_by_hand(recipe, addr, slots, hot, cnt, 0))) == \
+            _patched_by_hand(recipe, addr, slots, hot, cnt, 0)
+        recipes.append(recipe)
+        pos = blk.end
+    for recipe in recipes:
+        assert stencil.movable(recipe)
+        addr, slots, hot, cnt = b.rebuild(recipe, 100, 0x5000)
+        want = _patched_by_hand(recipe, addr, slots, hot, cnt, 0x5000)
+        assert ctypes.string_at(addr, len(want)) == want
+    rng = random.Random(3)
+    refused = 0
+    for _ in range(2000):
+        r = bytearray(rng.choice(recipes))
+        for _ in range(rng.randrange(1, 6)):
+            r[rng.randrange(len(r))] = rng.randrange(256)
+        ncode = stencil._RECIPE_HEAD.unpack_from(r)[0]
+        got = b.rebuild(bytes(r), 100, rng.choice([0, 0x1000]))
+        refused += got is None
+        if got is not None:         # the bytes after its code (fresh, zeroed memory) are untouched
+            end = got[0] + ncode
+            assert ctypes.string_at(end, 64) == bytes(64)
+    assert refused > 0
