@@ -16,14 +16,14 @@ A Piece is handed over as a blob (blob()), little-endian:
       a recipe reference (bt.stencil._CELL_REL) whose base moves by the chain slots before the
       piece (how 1), whose value moves by the piece's position (how 2), or by var how - 3;
   moves, 16 bytes each: u32 offset, u8 size, 3 bytes padding, i64 addend (bt.stencil._MOVE_REL).
-Each part of a block has 5 vars (i64): an instruction's address, next address, instructions left
-from it and after it, and its operand 0 (a relative branch's target); a block head's address and
-length; a tail's target.
+Each part of a block has 8 vars (i64): an instruction's address, next address, instructions left
+from it and after it, and its 4 operands' immediates or displacements (a relative branch's
+target is its operand 0); a block head's address and length; a tail's target.
 """
 import ctypes
 import struct
 
-NVARS = 5
+NVARS = 8
 _HEAD = struct.Struct("<IHHHHI")
 _PATCH = struct.Struct("<IBBHq")
 _REF = struct.Struct("<IBBBBq")
@@ -376,7 +376,7 @@ b.body:
   %cl7 = add i64 %cl64, 7
   %cl8 = and i64 %cl7, -8
   %tab = getelementptr i8, ptr %src, i64 %cl8
-  %vbase = mul i64 %kb, 5
+  %vbase = mul i64 %kb, 8
   %vk = getelementptr i64, ptr %vars, i64 %vbase
   %nsv = load i64, ptr %ns
   %nsv8 = trunc i64 %nsv to i8

@@ -75,6 +75,8 @@ class Insn:
     # A relative branch (jmp/jcc/call rel, loop, jecxz): its immediate is the absolute target,
     # so its fields depend on its address, not only on its bytes.
     relative: bool = False
+    # Per operand (4): its immediate or displacement as 32 bits, else 0 (stencil holes' values).
+    values: tuple = (0, 0, 0, 0)
 
     @property
     def next(self):
@@ -238,7 +240,8 @@ def _normalize(buf, at, bits, detail_at=None):
         if len(_SEEN) >= _SEEN_MAX:
             _SEEN.clear()
         _SEEN[(bits, insn.raw)] = (insn.size, insn.raw, insn.id, insn.mnemonic, insn.op_str, insn.ops, insn.rep,
-                                   insn.lock, insn.opsize, insn.addrsize, insn.seg_override, insn.groups, False)
+                                   insn.lock, insn.opsize, insn.addrsize, insn.seg_override, insn.groups, False,
+                                   insn.values)
     return insn
 
 
@@ -273,8 +276,10 @@ def _normalize_detail(buf, at, bits, detail_at=None):
         else:
             raise DecodeError("unknown operand type")
     groups = tuple(groups[:ngroups])
+    values = tuple([(o.imm if o.kind == "imm" else o.mem.disp if o.kind == "mem" else 0) & 0xFFFFFFFF
+                    for o in ops[:4]] + [0] * (4 - min(4, len(ops))))
     return Insn(address, size, raw[:size], iid, _cstr(mnemonic), _cstr(op_str), tuple(ops),
-                rep, lock, opsize, addrsize, seg_override, groups, capstone.CS_GRP_BRANCH_RELATIVE in groups)
+                rep, lock, opsize, addrsize, seg_override, groups, capstone.CS_GRP_BRANCH_RELATIVE in groups, values)
 
 
 # ---- a block's instructions decoded in one native call -------------------------------------

@@ -348,6 +348,7 @@ class Library:
         # the block heads' and tails'.  A level that rises later for an instruction's kind does
         # not make its piece wrong: that stencil emitted with those holes open.
         self.pieces = {}
+        self.forms = {}             # _form_key -> Piece
 
     def shape(self, insn, key, block_eip):
         """The InsnShape of insn at the level known to work for its kind (or the first)."""
@@ -745,7 +746,21 @@ class Builder:
         head_at = ("h", key, bool(hot), emit.COUNT_EXECS)
         parts[0] = pieces.get(head_at)
         if todo or parts[0] is None:
-            shapes = [lib.shape(insns[j], key, eip) for j, _ in todo]
+            # Bytes met for the first time are mostly a form met before with other immediates
+            # and displacements (a Linux boot: 62,000 distinct instructions, 5,800 forms).
+            forms, levels = lib.forms, lib.level
+            need = []           # (index, piece key) of the instructions that need a shape
+            for j, at in todo:
+                insn = insns[j]
+                form = None
+                if at is not None:
+                    form = _form_key(insn, levels.get((insn.id, tuple([o.kind for o in insn.ops])), 0), at)
+                piece = forms.get(form) if form is not None else None
+                if piece is None:
+                    need.append((j, at))
+                else:
+                    parts[j + 1] = pieces[at] = piece
+            shapes = [lib.shape(insns[j], key, eip) for j, _ in need]
             head = [HeadShape(key, hot, emit.COUNT_EXECS)] if parts[0] is None else []
             sts = lib.get(head + shapes)
             if any(st is None for st in sts):
@@ -755,23 +770,23 @@ class Builder:
                 sts = sts[1:]
             if len(pieces) >= _SHAPES_MAX:
                 pieces.clear()
-            for (j, at), sh, st in zip(todo, shapes, sts):
+            if len(forms) >= _SHAPES_MAX:
+                forms.clear()
+            for (j, at), sh, st in zip(need, shapes, sts):
                 insn = insns[j]
-                fixed = {h: v for h, v in sh.values.items() if h not in _INSN_MOVES}
+                fixed = {h: v for h, v in sh.values.items() if h not in _INSN_VARS}
                 fixed["h_key"] = key    # shape keys leave KEY_STEP out (the jump-cache probe has it)
-                if insn.relative and (at is None or "h_imm0" not in fixed):
-                    # Its target is part of the stencil (or not where _piece_key looks): this
-                    # piece is its own.
-                    parts[j + 1] = Piece(st, fixed, _INSN_VARS, sh.eip_holes())
-                    continue
-                if insn.relative:
-                    del fixed["h_imm0"]
-                parts[j + 1] = pieces[at] = Piece(st, fixed, _INSN_VARS, sh.eip_holes())
-        # The parts' vars, flat (_INSN_VARS: a relative branch's target is its operand 0).
+                parts[j + 1] = piece = Piece(st, fixed, _INSN_VARS, sh.eip_holes())
+                if at is None or insn.relative and "h_imm0" not in sh.values:
+                    continue            # its target is part of the stencil: the piece is its own
+                pieces[at] = piece
+                form = _form_key(insn, sh.level, at)        # the level it was made at
+                if form is not None:
+                    forms[form] = piece
+        # The parts' vars, flat (_INSN_VARS).
         vals = [eip, n, *_NO_VARS[1:]]
         for j, i in enumerate(insns):
-            ops = i.ops
-            vals += (i.addr, (i.addr + i.size) & 0xFFFFFFFF, n - j, n - j - 1, ops[0].imm & 0xFFFFFFFF if ops else 0)
+            vals += (i.addr, (i.addr + i.size) & 0xFFFFFFFF, n - j, n - j - 1, *i.values)
         # Stop after the first stencil that never falls through (the rest cannot run).
         for j, piece in enumerate(parts):
             if not piece.falls_through:
@@ -886,7 +901,7 @@ class Piece:
                 if sym in fixed:
                     struct.pack_into(fmt, code, off, (fixed[sym] + addend) & mask)
                 else:
-                    patches.append((off, size, var.index(sym), addend))
+                    patches.append((off, size, var[sym], addend))
             elif kind == _R_SLOT:
                 refs.append((off, size, pcrel, sym, _BY_SLOT, addend))
             elif kind == _R_CELL:
@@ -901,7 +916,7 @@ class Piece:
                 if sym in fixed:
                     refs.append((off, size, True, _ZERO, _AS_IS, fixed[sym] + addend))
                 else:
-                    refs.append((off, size, True, _ZERO, _BY_VAR + var.index(sym), addend))
+                    refs.append((off, size, True, _ZERO, _BY_VAR + var[sym], addend))
         self.blob = assemble.blob(bytes(code), patches, refs, moves, len(st.slots))
         self.addr = assemble.address(self.blob)
         self.falls_through = st.falls_through
@@ -910,11 +925,34 @@ class Piece:
 # How a Piece's reference becomes the recipe's: as it is, by the chain slots before it, by its
 # position in the block, or by one of its vars (_BY_VAR + the var's index).
 _AS_IS, _BY_SLOT, _BY_POS, _BY_VAR = range(4)
-# A part's vars (bt.assemble.NVARS of them): an instruction's, a block head's, a tail's.
-_INSN_VARS = ("h_eip", "h_next", "h_left", "h_left1", "h_imm0")
-_HEAD_VARS = ("h_beip", "h_n")
-_TAIL_VARS = ("h_target",)
+# A part's vars (bt.assemble.NVARS of them) by hole: an instruction's (operand i's immediate or
+# displacement is var 4 + i: Insn.values), a block head's, a tail's.
+_INSN_VARS = {"h_eip": 0, "h_next": 1, "h_left": 2, "h_left1": 3,
+              **{f"h_{f}{i}": 4 + i for i in range(MAX_OPS) for f in ("imm", "disp")}}
+_HEAD_VARS = {"h_beip": 0, "h_n": 1}
+_TAIL_VARS = {"h_target": 0}
 _NO_VARS = (0,) * (assemble.NVARS - 1)
+
+
+def _form_key(insn, level, at):
+    """What an instruction's Piece depends on besides its vars, without its bytes: the
+    instruction with its immediates and displacements left out where the shape's level keeps
+    them holes (vars), and at's mode key and page decisions; None at level 2 (the bytes are
+    part of the shape)."""
+    if level >= 2:
+        return None
+    ops = []
+    for o in insn.ops:
+        kind = o.kind
+        if kind == "imm":
+            ops.append((kind, o.size, o.imm if level else None))
+        elif kind == "mem":
+            m = o.mem
+            ops.append((kind, o.size, m.seg, m.base, m.index, m.scale, m.addr16))
+        else:
+            ops.append((kind, o.size, o.reg))
+    return (insn.id, insn.mnemonic, insn.opsize, insn.addrsize, insn.rep, insn.lock, insn.seg_override,
+            insn.groups, level, tuple(ops)) + at[1:]
 
 
 def _piece_key(insn, key, block_eip, last):

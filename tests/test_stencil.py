@@ -307,6 +307,48 @@ def test_pieces_give_the_recipes_a_fresh_library_gives(fresh_library):
     assert recipes(small, 0x7FF3) == recipes(warm, 0x7FF3)
 
 
+def test_pieces_are_shared_by_instructions_of_one_form(fresh_library, monkeypatch):
+    """An instruction whose bytes are new but whose form (the instruction with its immediates
+    and displacements left out) was met takes that form's piece, its values as vars: no shape
+    is made for it, and the recipe is byte for byte a fresh library's.  An immediate that the
+    kind's level fixes in the stencil (RET imm16 reads its encoding) is part of the form."""
+    from bt import state as S
+    from bt.decode import decode_block
+    from bt.semantics import ends_block, starts_block
+    text = """
+        mov eax, dword ptr [ebp + {d}]
+        add eax, {i}
+        lea edx, [eax + ecx*4 - {d}]
+        mov dword ptr [{a} + ecx*4], edx
+        cmp edx, {i}
+        jne l1
+    l1: ret {r}"""
+    key = S.make_key(cpl=0) | S.KEY_PG
+
+    def recipes(builder, code):
+        fetch = lambda a, n: code[a - 0x1000:a - 0x1000 + n] if a >= 0x1000 else b""     # noqa: E731
+        out, pos = [], 0x1000
+        while pos < 0x1000 + len(code):
+            blk = decode_block(fetch, pos, key, ends_block, starts_block=starts_block)
+            out.append(builder.build(blk, 100)[-1])
+            pos = blk.end
+        return out
+
+    warm = fresh_library()
+    recipes(warm, asm(text.format(d=8, i=0x12345, a=0x3000, r=4)))
+    other = asm(text.format(d=0x7FF0, i=7, a=0x80004000, r=4))
+    made = []
+    shape = warm.lib.shape
+    monkeypatch.setattr(warm.lib, "shape", lambda *a: made.append(a[0].mnemonic) or shape(*a))
+    mine = recipes(warm, other)
+    assert made == []
+    assert mine == recipes(fresh_library(), other)
+    # RET imm16 is made at a level that fixes its immediate: another one needs its own shape.
+    again = recipes(warm, asm(text.format(d=8, i=0x12345, a=0x3000, r=8)))
+    assert made == ["ret"]
+    assert again == recipes(fresh_library(), asm(text.format(d=8, i=0x12345, a=0x3000, r=8)))
+
+
 def test_shapes_with_the_same_ir_share_one_stencil(fresh_library):
     """Shapes of one instruction under keys that differ in a bit its code never looks at (IOPL
     for ADD) compile once; a bit it does look at (CPL for a memory access: the user TLB) gives
