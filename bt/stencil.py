@@ -2,12 +2,15 @@
 
 A stencil is the machine code of one guest instruction *shape*: the instruction with its
 addresses, immediates and displacements left open as "holes" (bt.emit.Hole), emitted by the
-same semantics table as every other translation and compiled once by LLVM (-O2, small code
-model, static relocations).  The holes are external symbols, so the object file's relocations
+same semantics table as every other translation and compiled once by LLVM (a short pipeline,
+small code model, static relocations).  The holes are external symbols, so the object file's relocations
 say where each one's value goes.  A block is instantiated by copying the stencils of its
 instructions one after the other into executable memory (bt.codemem) and patching the holes:
 the instruction's address and operands, the chain slots of its exits, and the address of the
-next stencil (the final `jmp` to it is dropped: the next stencil follows directly).
+next stencil (the final `jmp` to it is dropped: the next stencil follows directly).  Each
+instruction form's stencil is kept as a Piece with what is the same for the whole form already
+patched in; bt.assemble's native code places a block's pieces with their vars (addresses,
+immediates, displacements) and installs the result.
 
 Stencil state contract: between stencils every guest register and flag is in the CPU state
 (each stencil loads what it reads and stores what it writes); the block-head stencil charges
