@@ -26,7 +26,11 @@ from collections import deque
 
 import llvmlite.binding as llvm
 
-THRESHOLD = int(os.environ.get("BTVM_HOT", "20000"))
+# Executions of a tier-1 block before its region goes to tier 2.  A cold Linux boot keeps the
+# optimizer busy (223 regions, ~9 s of -O2 on the other core, queues of 10-20): at 50000 instead
+# of 20000 it took 16.2 s against 16.7 s (mean of 7 interleaved rounds), at 8000 22 s; warm
+# boots and tools/bench_user.py did not move.
+THRESHOLD = int(os.environ.get("BTVM_HOT", "50000"))
 SYNC = os.environ.get("BTVM_TIER2_SYNC", "") not in ("", "0")
 MAX_BLOCKS = 12          # blocks per region
 MAX_INSNS = 400          # guest instructions per region
