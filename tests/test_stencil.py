@@ -257,13 +257,24 @@ def test_single_step_blocks_share_the_stencils(fresh_library):
     _check(code + asm("hlt"), regs={"ebx": len(code)})
 
 
+def _recipes(builder, code, at, key):
+    """The recipes builder makes of code's blocks placed at guest address at."""
+    from bt.decode import decode_block
+    from bt.semantics import ends_block, starts_block
+    fetch = lambda a, n: code[a - at:a - at + n] if a >= at else b""     # noqa: E731
+    out, pos = [], at
+    while pos < at + len(code):
+        blk = decode_block(fetch, pos, key, ends_block, starts_block=starts_block)
+        out.append(builder.build(blk, 100)[-1])
+        pos = blk.end
+    return out
+
+
 def test_pieces_give_the_recipes_a_fresh_library_gives(fresh_library):
     """Builder keeps each instruction's stencil with its fixed values patched in (a Piece, looked
     up by the instruction's bytes): the same bytes at other addresses, on another page and
     across page ends, must give byte for byte the recipe that a library without pieces gives."""
     from bt import state as S
-    from bt.decode import decode_block
-    from bt.semantics import ends_block, starts_block
     code = asm("""
         push ebp
         mov ebp, esp
@@ -285,13 +296,7 @@ def test_pieces_give_the_recipes_a_fresh_library_gives(fresh_library):
     key = S.make_key(cpl=0) | S.KEY_PG
 
     def recipes(builder, at):
-        fetch = lambda a, n: code[a - at:a - at + n] if a >= at else b""     # noqa: E731
-        out, pos = [], at
-        while pos < at + len(code):
-            blk = decode_block(fetch, pos, key, ends_block, starts_block=starts_block)
-            out.append(builder.build(blk, 100)[-1])
-            pos = blk.end
-        return out
+        return _recipes(builder, code, at, key)
 
     warm = fresh_library()
     recipes(warm, 0x1000)
@@ -313,8 +318,6 @@ def test_pieces_are_shared_by_instructions_of_one_form(fresh_library, monkeypatc
     is made for it, and the recipe is byte for byte a fresh library's.  An immediate that the
     kind's level fixes in the stencil (RET imm16 reads its encoding) is part of the form."""
     from bt import state as S
-    from bt.decode import decode_block
-    from bt.semantics import ends_block, starts_block
     text = """
         mov eax, dword ptr [ebp + {d}]
         add eax, {i}
@@ -326,13 +329,7 @@ def test_pieces_are_shared_by_instructions_of_one_form(fresh_library, monkeypatc
     key = S.make_key(cpl=0) | S.KEY_PG
 
     def recipes(builder, code):
-        fetch = lambda a, n: code[a - 0x1000:a - 0x1000 + n] if a >= 0x1000 else b""     # noqa: E731
-        out, pos = [], 0x1000
-        while pos < 0x1000 + len(code):
-            blk = decode_block(fetch, pos, key, ends_block, starts_block=starts_block)
-            out.append(builder.build(blk, 100)[-1])
-            pos = blk.end
-        return out
+        return _recipes(builder, code, 0x1000, key)
 
     warm = fresh_library()
     recipes(warm, asm(text.format(d=8, i=0x12345, a=0x3000, r=4)))
