@@ -14,18 +14,16 @@ import weakref
 from collections import Counter, defaultdict, deque
 
 from . import state as S
-from . import decode
 from .decode import decode_block, DecodeError
 from .jit import ModuleText, shared_jit
 from . import diskcache, emit, lazyflags, stencil, tier2
-from .semantics import ends_block, starts_block, Unsupported, TABLE
+from .semantics import block_rules, ends_block, starts_block, Unsupported, TABLE
 from .translate import translate_block, static_successors
 
 import ctypes
 
 # Blocks compiled in this process, by (eip, key, guest bytes): a second machine
 # running the same code (the corpus, a re-run) reuses them instead of compiling.
-_RULES = None          # decode.block_rules of the semantics' block rules (made on first use)
 _MEMO = {}
 # Disk-cache entries whose object is loaded in this process (its symbols are taken), by entry
 # name: (tier, [TB of each block]).  A later miss on one of their blocks adopts the TB.
@@ -238,10 +236,7 @@ class CodeCache:
 
     # ---- translation ------------------------------------------------------------
     def _decode(self, eip, key):
-        global _RULES
-        if _RULES is None:
-            _RULES = decode.block_rules(TABLE, ends_block, starts_block)
-        return decode_block(self.fetch, eip, key, ends_block, starts_block=starts_block, rules=_RULES)
+        return decode_block(self.fetch, eip, key, ends_block, starts_block=starts_block, rules=block_rules())
 
     def _translate(self, eip, key):
         t0 = time.perf_counter()

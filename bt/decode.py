@@ -283,7 +283,7 @@ def _normalize_detail(buf, at, bits, detail_at=None):
 
 
 # ---- a block's instructions decoded in one native call -------------------------------------
-# decode_block with rules (block_rules()) calls btvm_decode once per block instead of Capstone
+# decode_block with rules (a BlockRules) calls btvm_decode once per block instead of Capstone
 # once per instruction from Python: it loops over cs_disasm_iter (whose address it is handed:
 # never part of IR that the disk cache keeps), applies the block rules from a table by
 # instruction id, and copies each instruction and its detail out for _normalize.
@@ -292,24 +292,15 @@ _SLOT = _INSN_SIZE + _DETAIL_SIZE
 _STOP_MAX, _STOP_UNDECODED, _STOP_STARTS, _STOP_ENDS, _STOP_PAGE = range(1, 6)
 
 
-def block_rules(table, ends_block, starts_block):
-    """The rules bt.semantics gives decode_block, as btvm_decode reads them: a byte per
-    Capstone instruction id, RULE_ENDS if it ends a block, RULE_RESUMABLE if it must begin one
-    when it has a REP prefix.  ends_block and starts_block are the same rules as functions
-    (decode_block takes them too)."""
-    out = bytearray(X.X86_INS_ENDING)
-    for iid in range(X.X86_INS_ENDING):
-        info = table.get(iid)
-        out[iid] = (RULE_ENDS if info is None or info.ends_block else 0) | (RULE_RESUMABLE if info is not None and info.resumable else 0)
-    return _Rules(bytes(out), ends_block, starts_block)
+class BlockRules:
+    """Block rules as btvm_decode reads them: table, a byte per Capstone instruction id,
+    RULE_ENDS if the instruction ends a block, RULE_RESUMABLE if it must begin one when it has a
+    REP prefix (bt.semantics.block_rules makes it from the same rules as its functions)."""
+    __slots__ = ("table", "addr")
 
-
-class _Rules:
-    __slots__ = ("table", "addr", "ends_block", "starts_block")
-
-    def __init__(self, table, ends_block, starts_block):
-        self.table, self.ends_block, self.starts_block = table, ends_block, starts_block
-        self.addr = ctypes.cast(ctypes.c_char_p(table), ctypes.c_void_p).value
+    def __init__(self, table):
+        self.table = bytes(table)
+        self.addr = ctypes.cast(ctypes.c_char_p(self.table), ctypes.c_void_p).value
 
 
 _NATIVE = None
@@ -486,7 +477,7 @@ def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS, starts_
     of executable memory).  ends_block(insn) says whether an instruction ends
     the block (control transfer, callout); starts_block(insn), whether the block
     must end before it.  The block also ends at a page boundary, so that
-    code-page tracking stays per page.  rules (block_rules() of the same two
+    code-page tracking stays per page.  rules (a BlockRules of the same two
     functions) decodes the block in one native call.
     """
     bits = 32 if key & S.KEY_CS32 else 16

@@ -78,8 +78,8 @@ def test_native_block_decoding_matches_the_python_loop():
     next page unreadable or cut short, with REP string instructions that must begin a block,
     in 16- and 32-bit code and single-stepping."""
     from bt import state as S
-    from bt.semantics import TABLE, ends_block, starts_block
-    rules = decode.block_rules(TABLE, ends_block, starts_block)
+    from bt.semantics import block_rules, ends_block, starts_block
+    rules = block_rules()
     rng = random.Random(11)
     pieces = [b"\x8b\x44\x24\x08", b"\xf3\xa5", b"\xf3\xa4", b"\xf2\xae", b"\x66\x89\x18", b"\x74\x05",
               b"\xe8\x00\x01\x00\x00", b"\x0f\x05", b"\x90", b"\xc3", b"\xcd\x80", b"\x0f\x0b"]

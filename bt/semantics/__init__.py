@@ -58,17 +58,35 @@ def lookup(insn):
     return info
 
 
-def ends_block(insn):
-    info = TABLE.get(insn.id)
+def _ends(info):
     return info is None or info.ends_block
+
+
+def _resumable(info):
+    return info is not None and info.resumable
+
+
+def ends_block(insn):
+    return _ends(TABLE.get(insn.id))
 
 
 def starts_block(insn):
     """Whether an instruction must begin a block (see SemInfo.resumable)."""
-    if not insn.rep:
-        return False
-    info = TABLE.get(insn.id)
-    return info is not None and info.resumable
+    return bool(insn.rep) and _resumable(TABLE.get(insn.id))
+
+
+_RULES = None
+
+
+def block_rules():
+    """ends_block and starts_block as a bt.decode.BlockRules, for decoding a block in one native
+    call (made once: every family registered when this package was imported)."""
+    global _RULES
+    if _RULES is None:
+        from ..decode import RULE_ENDS, RULE_RESUMABLE, BlockRules
+        _RULES = BlockRules((RULE_ENDS if _ends(TABLE.get(i)) else 0) | (RULE_RESUMABLE if _resumable(TABLE.get(i)) else 0)
+                            for i in range(X.X86_INS_ENDING))
+    return _RULES
 
 
 def load_all():
