@@ -183,19 +183,30 @@ bad:
 '''
 
 
+_FNS = None
+
+
+def _compiled():
+    """{name: address} of btvm_assemble and btvm_install: one module (they share the sized
+    store), compiled once per machine and kept like the runtime's fixed functions."""
+    global _FNS
+    if _FNS is None:
+        from .jit import ModuleText, shared_jit
+        mt = ModuleText("btvm_assemble")
+        mt.functions.append(_INSTALL_IR + _ASSEMBLE_IR)
+        _FNS, _ = shared_jit().compile_cached(mt, ["btvm_assemble", "btvm_install"])
+    return _FNS
+
+
 class Installer:
     """Calls btvm_install: a recipe's code copied to its place in code memory, its moving values
     moved by delta and its references to cells and to its own code patched.  Everything it
     writes is bounds-checked against the code's size: a recipe may come from the disk cache."""
 
     def __init__(self):
-        from .jit import ModuleText, shared_jit
-        mt = ModuleText("btvm_install")
-        mt.functions.append(_INSTALL_IR)
-        fns, _ = shared_jit().compile_cached(mt, ["btvm_install"])
         i64 = ctypes.c_int64
         self._fn = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_char_p, i64, i64, ctypes.c_void_p, ctypes.c_void_p,
-                                    i64, i64, i64, i64, i64, i64)(fns["btvm_install"])
+                                    i64, i64, i64, i64, i64, i64)(_compiled()["btvm_install"])
         self.bases = (ctypes.c_int64 * 256)()       # chain slot i's cell at i; 252-255 as stencil._HOT...
 
     def __call__(self, recipe, code_at, ncode, dst, nslots, nrel, rel_at, nmove, move_at, delta):
@@ -208,12 +219,8 @@ class Assembler:
     """Calls btvm_assemble with buffers of its own (one per user: not thread-safe)."""
 
     def __init__(self):
-        from .jit import ModuleText, shared_jit
-        mt = ModuleText("btvm_assemble")
-        mt.functions.append(_IR)
-        fns, _ = shared_jit().compile_cached(mt, ["btvm_assemble"])
         self._fn = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-                                    ctypes.c_void_p, ctypes.c_int64)(fns["btvm_assemble"])
+                                    ctypes.c_void_p, ctypes.c_int64)(_compiled()["btvm_assemble"])
         self._grow(128, 1 << 16)
 
     def _grow(self, parts, out):
@@ -240,9 +247,7 @@ class Assembler:
         return ctypes.string_at(self._out, got)
 
 
-_IR = r'''
-declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
-
+_ASSEMBLE_IR = r'''
 define i64 @btvm_assemble(ptr %parts, ptr %vars, i32 %n, ptr %out, i64 %cap) nounwind {
 entry:
   %k = alloca i64
@@ -404,21 +409,7 @@ pa.body:
   %pat = getelementptr i8, ptr %dst, i64 %poff64
   %ipn = add i64 %ip, 1
   store i64 %ipn, ptr %i
-  switch i8 %psz, label %pa.8 [ i8 1, label %pa.1  i8 2, label %pa.2  i8 4, label %pa.4 ]
-pa.1:
-  %pv1 = trunc i64 %pval to i8
-  store i8 %pv1, ptr %pat, align 1
-  br label %pa.head
-pa.2:
-  %pv2 = trunc i64 %pval to i16
-  store i16 %pv2, ptr %pat, align 1
-  br label %pa.head
-pa.4:
-  %pv4 = trunc i64 %pval to i32
-  store i32 %pv4, ptr %pat, align 1
-  br label %pa.head
-pa.8:
-  store i64 %pval, ptr %pat, align 1
+  %pstored = call i1 @btvm_store_sized(ptr %pat, i8 %psz, i64 %pval)
   br label %pa.head
 re.init:
   %pbytes = mul i64 %npa64, 16

@@ -370,10 +370,10 @@ entry:
 head:
   %c = load i32, ptr %cnt
   %full = icmp uge i32 %c, %max
-  br i1 %full, label %ret_max, label %dec
+  br i1 %full, label %done, label %dec
 dec:
   %ok = call i1 %iter(i64 %csh, ptr %codep, ptr %sizep, ptr %addrp, ptr %insn)
-  br i1 %ok, label %got, label %ret_stop
+  br i1 %ok, label %got, label %done
 got:
   %id = load i32, ptr %insn
   %known = icmp ult i32 %id, %ntable
@@ -397,7 +397,7 @@ have:
   %some = or i1 %some0, %had1
   %s1 = and i1 %rep, %res
   %starts = and i1 %s1, %some
-  br i1 %starts, label %ret_starts, label %take
+  br i1 %starts, label %done, label %take
 take:
   %c64 = zext i32 %c to i64
   %o = mul i64 %c64, {_SLOT}
@@ -409,31 +409,18 @@ take:
   store i32 %c1, ptr %cnt
   %endv = and i8 %tv, {RULE_ENDS}
   %ends = icmp ne i8 %endv, 0
-  br i1 %ends, label %ret_ends, label %next
+  br i1 %ends, label %done, label %next
 next:
   %a = load i64, ptr %addrp
   %past = icmp uge i64 %a, %page_end
-  br i1 %past, label %ret_page, label %head
-ret_max:
-  %rm = zext i32 %c to i64
-  %rm1 = or i64 %rm, {_STOP_MAX << 32}
-  ret i64 %rm1
-ret_stop:
-  %rs = zext i32 %c to i64
-  %rs1 = or i64 %rs, {_STOP_UNDECODED << 32}
-  ret i64 %rs1
-ret_starts:
-  %rb = zext i32 %c to i64
-  %rb1 = or i64 %rb, {_STOP_STARTS << 32}
-  ret i64 %rb1
-ret_ends:
-  %re = zext i32 %c1 to i64
-  %re1 = or i64 %re, {_STOP_ENDS << 32}
-  ret i64 %re1
-ret_page:
-  %rp = zext i32 %c1 to i64
-  %rp1 = or i64 %rp, {_STOP_PAGE << 32}
-  ret i64 %rp1
+  br i1 %past, label %done, label %head
+done:
+  %taken = phi i32 [ %c, %head ], [ %c, %dec ], [ %c, %have ], [ %c1, %take ], [ %c1, %next ]
+  %why = phi i64 [ {_STOP_MAX << 32}, %head ], [ {_STOP_UNDECODED << 32}, %dec ], [ {_STOP_STARTS << 32}, %have ],
+                 [ {_STOP_ENDS << 32}, %take ], [ {_STOP_PAGE << 32}, %next ]
+  %taken64 = zext i32 %taken to i64
+  %r = or i64 %taken64, %why
+  ret i64 %r
 }}
 '''
 
