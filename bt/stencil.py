@@ -332,6 +332,17 @@ def _name(key):
     return "s" + hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
 
 
+def _kind(insn, key):
+    """What a shape's level is chosen by: (Capstone id, operand kinds), remembered by bytes."""
+    at = (insn.raw, key & S.KEY_CS32)
+    kind = _KINDS.get(at)
+    if kind is None:
+        if len(_KINDS) >= _SHAPES_MAX:
+            _KINDS.clear()
+        kind = _KINDS[at] = (insn.id, tuple([o.kind for o in insn.ops]))
+    return kind
+
+
 # ---- the library -------------------------------------------------------------------------
 class Library:
     """Compiled stencils by shape key; compiles missing ones in batches."""
@@ -353,15 +364,13 @@ class Library:
         self.pieces = {}
         self.forms = {}             # _form_key -> Piece
 
+    def level_of(self, insn, key):
+        """The level known to work for insn's kind (or the first)."""
+        return self.level.get(_kind(insn, key), 0)
+
     def shape(self, insn, key, block_eip):
-        """The InsnShape of insn at the level known to work for its kind (or the first)."""
-        at = (insn.raw, key & S.KEY_CS32)
-        kind = _KINDS.get(at)
-        if kind is None:
-            if len(_KINDS) >= _SHAPES_MAX:
-                _KINDS.clear()
-            kind = _KINDS[at] = (insn.id, tuple([o.kind for o in insn.ops]))
-        return InsnShape(insn, key, self.level.get(kind, 0), block_eip)
+        """The InsnShape of insn at the level known to work for its kind."""
+        return InsnShape(insn, key, self.level_of(insn, key), block_eip)
 
     def get(self, shapes):
         """The Stencil of each shape (None where one cannot exist), compiling the missing ones.
@@ -397,7 +406,7 @@ class Library:
 
     def _raise(self, sh):
         """Emit sh one level less open from now on (for every instruction of its kind)."""
-        kind = (sh.insn.id, tuple(o.kind for o in sh.insn.ops))
+        kind = _kind(sh.insn, sh.tkey)
         self.level[kind] = max(self.level.get(kind, 0), sh.level + 1)
         sh.__init__(sh.insn, sh.tkey, sh.level + 1, sh.block_eip, sh.open_regs)
 
@@ -751,13 +760,13 @@ class Builder:
         if todo or parts[0] is None:
             # Bytes met for the first time are mostly a form met before with other immediates
             # and displacements (a Linux boot: 62,000 distinct instructions, 5,800 forms).
-            forms, levels = lib.forms, lib.level
+            forms = lib.forms
             need = []           # (index, piece key) of the instructions that need a shape
             for j, at in todo:
                 insn = insns[j]
                 form = None
                 if at is not None:
-                    form = _form_key(insn, levels.get((insn.id, tuple([o.kind for o in insn.ops])), 0), at)
+                    form = _form_key(insn, lib.level_of(insn, key), at)
                 piece = forms.get(form) if form is not None else None
                 if piece is None:
                     need.append((j, at))
