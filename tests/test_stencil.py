@@ -346,6 +346,32 @@ def test_pieces_are_shared_by_instructions_of_one_form(fresh_library, monkeypatc
     assert again == recipes(fresh_library(), asm(text.format(d=8, i=0x12345, a=0x3000, r=8)))
 
 
+def test_instructions_sharing_a_form_run_as_the_oracle_says(fresh_library, monkeypatch):
+    """The second program differs from the first only in immediates and displacements: its
+    instructions take the first's pieces by form, no shape is made, and it must still compute
+    what Unicorn computes."""
+    text = """
+        mov eax, dword ptr [0x3000 + {d}]
+        add eax, {i}
+        lea edx, [eax + ecx*4 - {d}]
+        mov dword ptr [0x3100 + ecx*4 + {d}], edx
+        imul ebx, eax, {i}
+        cmp edx, {i}
+        jne l1
+        xor esi, esi
+    l1: shr eax, 3
+        hlt"""
+    b = fresh_library()
+    data = {0x3000: bytes(range(128))}
+    _check(asm(text.format(d=8, i=0x12345)), regs={"ecx": 3}, data=data)
+    made = []
+    shape = b.lib.shape
+    monkeypatch.setattr(b.lib, "shape", lambda *a: made.append(a[0].mnemonic) or shape(*a))
+    built = b.blocks
+    _check(asm(text.format(d=0x24, i=0x7FFF0001)), regs={"ecx": 5}, data=data)
+    assert b.blocks > built and made == []
+
+
 def test_shapes_with_the_same_ir_share_one_stencil(fresh_library):
     """Shapes of one instruction under keys that differ in a bit its code never looks at (IOPL
     for ADD) compile once; a bit it does look at (CPL for a memory access: the user TLB) gives
