@@ -44,7 +44,7 @@ MOVABLE = 1 << 31
 MERGE_AT = 32                         # index logs that trigger a merge
 MERGE_SETTLE_SECONDS = 120            # a merge deletes only logs unchanged for this long
 # Sources that decide batching and storage, not the machine code: editing them keeps the cache.
-_NOT_CODEGEN = {"cache.py", "diskcache.py"}
+_NOT_CODEGEN = {"cache.py", "diskcache.py", "library.py"}
 
 _source_hash = None
 

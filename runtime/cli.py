@@ -187,6 +187,38 @@ def _boot_once(args, kernel, initrd, rtc_base, started):
         m.close()
 
 
+def _cmd_prebuild(args):
+    import time
+    from bt import diskcache, library, stencil
+    why = diskcache.configure(args.cache_dir)
+    if why:
+        print(f"btvm prebuild: --cache-dir {args.cache_dir}: {why}", file=sys.stderr)
+        return 1
+    root = diskcache.default_dir()
+    if root is None:
+        print("btvm prebuild: the translation cache is disabled (BTVM_NO_CACHE): there is nowhere "
+              "to keep the library", file=sys.stderr)
+        return 1
+    builder = stencil.shared_builder()
+    if builder is None:
+        print("btvm prebuild: no executable memory below 2 GiB: tier 1 runs without stencils here",
+              file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    library.runtime_functions()
+    tty = sys.stderr.isatty()
+
+    def progress(done, total):
+        if tty:
+            print(f"\rbtvm prebuild: {done}/{total} shapes", end="", file=sys.stderr, flush=True)
+    shapes, compiled, _ = library.prebuild(builder.lib, progress=progress)
+    if tty:
+        print(file=sys.stderr)
+    print(f"btvm prebuild: {shapes} stencil shapes ({compiled} compiled now, the others stored before or sharing one) "
+          f"and the runtime's functions in {root} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def _cmd_profile(args):
     from .profile import run
     return run(args, build_parser)
@@ -242,6 +274,15 @@ def build_parser():
     _add_cache_options(rn)
     rn.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM ARGS")
     rn.set_defaults(fn=_cmd_run)
+    pb = sub.add_parser("prebuild", help="compile the stencil library (tier 1's code for common instruction "
+                                         "forms in the usual modes) into the translation cache's folder, "
+                                         "ahead of any guest",
+                        description="Compiles bt/library.txt's instruction forms into stencils, and the "
+                                    "runtime's own functions, once per translator version: the first run "
+                                    "of a guest then compiles only the shapes the library lacks.")
+    pb.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
+                    help="the translation cache's folder (default ~/.cache/btvm/code; overrides BTVM_CACHE_DIR)")
+    pb.set_defaults(fn=_cmd_prebuild)
     pr = sub.add_parser("profile", help="run a guest (run, boot or exec) and report the code cache's counters",
                         usage="btvm profile [--json FILE] [--html FILE] [--top N] (run|boot|exec) ARGS...",
                         description="ARGS are the options and operands of `btvm run`, `btvm boot` or `btvm exec`, "

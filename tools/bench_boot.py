@@ -4,7 +4,9 @@ translation cache) and under qemu-system-i386 -accel tcg, in one run; print time
 
     python tools/bench_boot.py [--repeat N] [--json FILE] [--timeout S]
 
-The guest images come from tools/fetch_guests.sh all; the initramfs (built here) prints
+Rows: btvm cold (empty translation cache after `btvm prebuild`, as the README sets btvm up),
+cold with nothing prebuilt (an empty cache folder), cold with the stencils of that run kept,
+warm, and QEMU.  The guest images come from tools/fetch_guests.sh all; the initramfs (built here) prints
 BTVM-INIT-OK from /init and powers off.  QEMU is skipped with a note if it is not installed
 (Debian package qemu-system-x86).  A benchmark, not a test: this machine is noisy, quote ratios.
 """
@@ -113,19 +115,28 @@ def main(argv=None):
         t = time_to_marker(btvm, args.timeout, run_env, rss[name], log)
         blocks.setdefault(name, []).append(compiled_blocks(log))
         return t
-    print("btvm cold (empty translation cache)...", file=sys.stderr)
-    rows["btvm cold"] = [btvm_run("btvm cold")]
+    # Nothing prebuilt: the cache folder is empty, stencil library and runtime functions included.
+    print("btvm cold, nothing prebuilt...", file=sys.stderr)
+    rows["btvm cold, nothing prebuilt"] = [btvm_run("btvm cold, nothing prebuilt",
+                                                    dict(env, BTVM_CACHE_DIR=str(work / "bare")))]
     # The same with the stencil library (machine code per instruction shape, made once per
     # translator version and shared by every guest and program) and the runtime's own functions
-    # kept from the cold run: what a boot costs the first time once the translator has met these
-    # instruction shapes anywhere.  The row above, everything empty, is the one the targets use.
+    # kept from that run: what a boot costs once the translator has met these instruction shapes
+    # anywhere.
     kept = work / "kept"
     for sub in ("stencils", "runtime"):
-        if (work / "code" / sub).is_dir():
-            shutil.copytree(work / "code" / sub, kept / sub)
-    print("btvm cold, stencil library kept...", file=sys.stderr)
+        if (work / "bare" / sub).is_dir():
+            shutil.copytree(work / "bare" / sub, kept / sub)
+    print("btvm cold, stencils kept...", file=sys.stderr)
     rows["btvm cold, stencils kept"] = [btvm_run("btvm cold, stencils kept",
                                                  dict(env, BTVM_CACHE_DIR=str(kept)))]
+    # As installed by the README's setup command: `btvm prebuild` (bt/library.txt's forms, from
+    # no guest's code) into an empty folder, then the first boot: its translation cache is empty.
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "runtime.cli", "prebuild"], env=env, check=True, capture_output=True)
+    prebuild_seconds = time.monotonic() - t0
+    print(f"btvm prebuild took {prebuild_seconds:.1f} s; btvm cold (empty translation cache)...", file=sys.stderr)
+    rows["btvm cold"] = [btvm_run("btvm cold")]
     print("btvm warm...", file=sys.stderr)
     rows["btvm warm"] = [btvm_run("btvm warm") for _ in range(args.repeat)]
     qemu = shutil.which("qemu-system-i386")
@@ -140,16 +151,19 @@ def main(argv=None):
         print("qemu-system-i386 not installed (Debian package qemu-system-x86): no QEMU column", file=sys.stderr)
     med = {k: (statistics.median(v) if all(x is not None for x in v) else None) for k, v in rows.items()}
     q = med.get("qemu-system-i386")
-    print(f"{'boot to /init marker':24} {'seconds':>9} {'x QEMU':>8} {'peak RSS MiB':>13} {'blocks compiled':>16}")
+    print(f"{'boot to /init marker':28} {'seconds':>9} {'x QEMU':>8} {'peak RSS MiB':>13} {'blocks compiled':>16}")
     for k, v in med.items():
         ratio = f"{v / q:8.1f}" if v and q else "       -"
         mem = f"{max(rss[k]):13.0f}" if rss.get(k) else "            -"
         nb = blocks.get(k, [None])[-1]
-        print(f"{k:24} {v if v is not None else float('nan'):9.1f} {ratio} {mem} {'-' if nb is None else nb:>16}")
+        print(f"{k:28} {v if v is not None else float('nan'):9.1f} {ratio} {mem} {'-' if nb is None else nb:>16}")
     print("(guest RAM is 256 MiB of the RSS; blocks compiled: tier 1, from btvm's last -status line before the marker)")
+    print(f"(btvm cold: after `btvm prebuild`, which took {prebuild_seconds:.1f} s once; nothing prebuilt: an empty "
+          "cache folder; stencils kept: the stencils and runtime functions of the nothing-prebuilt run)")
     if args.json:
         Path(args.json).write_text(json.dumps({"median_seconds": med, "runs": rows, "peak_rss_mib": rss,
-                                               "blocks_compiled": blocks}, indent=1))
+                                               "blocks_compiled": blocks, "prebuild_seconds": prebuild_seconds},
+                                              indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
