@@ -322,7 +322,7 @@ class CodeCache:
         hit = _MEMO.get(memo_key)
         if hit is not None and hit.stenciled:
             return self._adopt([hit], blk.eip, blk.key)
-        if any(i.id not in TABLE for i in blk.insns):
+        if not TABLE.keys() >= {i.id for i in blk.insns}:
             return None
         lib = self.stencils.lib
         before, t0 = lib.compiled, lib.compile_seconds
@@ -344,7 +344,7 @@ class CodeCache:
             self._unsaved.append((tb, recipe, window if window is not None else self.fetch(tb.eip, diskcache.WINDOW)))
             if len(self._unsaved) >= STENCIL_BATCH or time.monotonic() - self._saved_at > STENCIL_SAVE_SECONDS:
                 self.save_stencil_blocks()
-        return self._adopt([tb], blk.eip, blk.key, fresh={tb})
+        return self._adopt([tb], blk.eip, blk.key, fresh={tb}, new=True)
 
     @staticmethod
     def _stencil_tb(blk, fn, slots, hot, cnt):
@@ -373,7 +373,10 @@ class CodeCache:
         if emit.COUNT_EXECS:
             tb.counter = self.jit.engine.get_global_value_address(tb.name + "_n")
 
-    def _adopt(self, tbs, eip, key, fresh=()):
+    def _adopt(self, tbs, eip, key, fresh=(), new=False):
+        """Install tbs (those not in the cache yet); the TB at (eip, key).  fresh: the ones
+        compiled for this call (the others count as memo hits); new: all of them are, with
+        chain slots never linked (still zero)."""
         result = None
         for tb in tbs:
             if (tb.eip, tb.key) in self.blocks:
@@ -385,7 +388,7 @@ class CodeCache:
                 tb.owner.forget(tb)
             if tb not in fresh:
                 self.counters["memo_hits"] += 1
-            self._install(tb)
+            self._install(tb, linked=not new)
             if tb.eip == eip:
                 result = tb
         if result is None:
@@ -541,12 +544,13 @@ class CodeCache:
         self.counters[counter] += len(use)
         return self._adopt(use, eip, key, fresh=set(use))
 
-    def _install(self, tb, notify=True):
+    def _install(self, tb, notify=True, linked=True):
         if len(self.blocks) >= self.max_blocks:
             self.flush("capacity")
         tb.owner = self
         for s in tb.slots:
-            ctypes.c_uint64.from_address(s).value = 0
+            if linked:          # a chain an earlier install made (the TB was forgotten since)
+                ctypes.c_uint64.from_address(s).value = 0
             self.slot_owner[s] = tb
         self.blocks[(tb.eip, tb.key)] = tb
         self.by_fn[tb.fn] = tb

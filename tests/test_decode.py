@@ -61,6 +61,30 @@ def test_decoder_matches_the_capstone_binding():
     assert seen > 10000
 
 
+def test_relative_branches_met_again_match_the_binding_at_every_address():
+    """A relative branch met before is rebuilt from its displacement (decode._SEEN): its target,
+    operand, text and values must be what Capstone says at each new address, across the 4 GiB
+    wrap, for targets Capstone prints in decimal, and for every operand and address size."""
+    rng = random.Random(7)
+    branches = [b"\xeb\x05", b"\xeb\xf0", b"\x74\x7f", b"\x7e\x80", b"\xe8\x00\x01\x00\x00",
+                b"\xe9\xfb\xff\xff\xff", b"\x0f\x85\x00\x00\x00\x80", b"\x66\xe9\x00\x01",
+                b"\x66\x0f\x84\xf0\xff", b"\xe2\xfe", b"\xe0\x10", b"\xe3\x02", b"\x67\xe3\xfe",
+                b"\x66\xe8\x34\x12"]
+    for bits, mode in ((32, capstone.CS_MODE_32), (16, capstone.CS_MODE_16)):
+        cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+        cs.detail = True
+        for raw in branches:
+            addrs = [0, 1, 0xFFFFFFF0, 0xFFFFFFFE, 0xFFFF, 0x7FFFFFFF] + [rng.randrange(1 << 32) for _ in range(40)]
+            for addr in addrs:
+                ci = next(cs.disasm(raw, addr), None)
+                if ci is None:
+                    continue
+                for _ in range(2):
+                    i, = decode.disasm(raw, addr, 1, bits)
+                    assert _fields(i) == _expected(ci, bits), (raw.hex(), hex(addr))
+                    assert i.relative and i.values == (i.ops[0].imm & 0xFFFFFFFF, 0, 0, 0)
+
+
 def test_instructions_met_again_elsewhere_have_their_own_address():
     # Decoded instructions are remembered by their bytes (decode._SEEN): a relative branch's
     # target still comes from its own address, and every instruction keeps its address.
