@@ -1,13 +1,13 @@
 """The prebuilt stencil library: tier 1's stencils for common instruction forms, compiled ahead
 of any guest by `btvm prebuild`, as a compiled translator ships its code generator.
 
-bt/library.txt lists the forms (tools/gen_library.py chose them from gcc's static C library and
-an enumeration of the ISA's forms without ModRM operands and of its system instructions: no
-guest's code).  Each is made a stencil in each of MODES, with every page decision a block's
+bt/library.txt lists the forms (tools/gen_library.py chose them, by the rules in its docstring,
+from gcc's static C library and enumerations of the ISA: no guest's code).  Each is made a stencil in each of MODES, with every page decision a block's
 last instruction can have, together with the block heads and tails of those modes; the
 stencils go to the stencil store (bt.stencil.Store) of the translation cache's folder, keyed
 by the translator version like any other, so a later run compiles only the shapes the library
-lacks.  The runtime's own fixed functions (entry trampoline, decoder, assembler, TLB refills)
+lacks (after an update of btvm's translator, until `btvm prebuild` runs again, it compiles them
+all on demand as before).  The runtime's own fixed functions (entry trampoline, decoder, assembler, TLB refills)
 are compiled into the same folder.
 """
 import time
@@ -42,12 +42,16 @@ def _places(size):
 
 
 def read_forms(path=FORMS):
-    """The library's instruction forms: a list of instruction bytes."""
+    """The library's instruction forms: a list of instruction bytes.  Raises OSError, or
+    ValueError naming the line that is not hex bytes."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            out.append(bytes.fromhex(line.split()[0]))
+            try:
+                out.append(bytes.fromhex(line.split()[0]))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: not an instruction's hex bytes") from None
     return out
 
 

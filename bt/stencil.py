@@ -398,7 +398,7 @@ class Library:
     def _lookup(self, key):
         st = self.stencils.get(key, _MISSING)
         if st is _MISSING and self.store is not None:
-            rec = self.store.load().get(_digest(key))
+            rec = self.store.get(_digest(key))
             if rec is not None:
                 st = self.stencils[key] = rec[1] if rec[0] == "s" else ESCALATE if rec[0] == "e" else None
                 self.loaded += rec[0] == "s"
@@ -502,7 +502,7 @@ class Library:
         earlier one), None if that IR cannot be a stencil, or _MISSING."""
         st = self.by_ir.get(sig, _MISSING)
         if st is _MISSING and self.store is not None:
-            rec = self.store.load().get(_digest(sig))
+            rec = self.store.get(_digest(sig))
             if rec is not None and rec[0] in "sn":
                 st = self.by_ir[sig] = rec[1] if rec[0] == "s" else None
         return st
@@ -539,6 +539,24 @@ _MISSING = object()
 _HOLE_NAMES = sorted(_HOLES)
 _HOLE_INDEX = {h: i for i, h in enumerate(_HOLE_NAMES)}
 _REL = struct.Struct("<IBBBq")           # offset, size, pc-relative, hole, addend
+_STENCIL_HEAD = struct.Struct("<BBIH")   # falls through, named-GPR mask, code bytes, relocations
+
+
+def _stencil_at(data, pos):
+    """The Stencil of the record whose fields start at data[pos]."""
+    ft, phys, ncode, nrel = _STENCIL_HEAD.unpack_from(data, pos)
+    pos += _STENCIL_HEAD.size
+    code = data[pos:pos + ncode]
+    pos += ncode
+    rel = []
+    for _ in range(nrel):
+        off, size, pcrel, h, add = _REL.unpack_from(data, pos)
+        pos += _REL.size
+        rel.append((off, size, bool(pcrel), _HOLE_NAMES[h], add))
+    st = Stencil.__new__(Stencil)
+    st.code, st.relocs, st.falls_through, st.phys = code, rel, bool(ft), phys
+    st._holes_used()
+    return st
 _MAGIC = b"BTVMSTL3"
 MERGE_AT = 64
 # New records are written SAVE_BATCH at a time, or all pending ones by the first save at least
@@ -563,12 +581,17 @@ def _digest(key):
 class Store:
     """Stencils on disk: a folder per translator version of files written whole (temporary file
     + rename, so concurrent processes are safe), each a checksummed list of records; a file
-    that is truncated or corrupt is ignored.  Small: a Linux boot's ~8,000 stencils are ~3 MB."""
+    that is truncated or corrupt is ignored.  Small: a Linux boot's ~8,000 stencils are ~3 MB,
+    the prebuilt library (bt.library) ~11,000 records.  A record becomes a Stencil when it is
+    first asked for: building all of them cost every run that met one new block ~0.1 s."""
 
     def __init__(self, root, version):
         self.dir = root / diskcache.STENCIL_DIR / version[:24]
-        self.records = None         # key digest -> ("s", Stencil) | ("e",): escalate | ("n",): none
+        # key digest -> ("s", Stencil) | ("e",): escalate | ("n",): none | ("l", data, start, end):
+        # a stencil record not built yet (its bytes data[start:end], digest and kind included)
+        self.records = None
         self.pending = {}           # records not written yet
+        self.errors = 0             # files that could not be written
         self._saved_at = time.monotonic()
         _STORES.add(self)
 
@@ -589,27 +612,31 @@ class Store:
                 self._write(self.records, files)
         return self.records
 
+    def get(self, digest):
+        """The record of a key digest, or None."""
+        rec = self.load().get(digest)
+        if rec is not None and rec[0] == "l":
+            try:
+                rec = self.records[digest] = ("s", _stencil_at(rec[1], rec[2] + 17))
+            except (struct.error, IndexError):      # checksummed, so only another writer's bug
+                del self.records[digest]
+                return None
+        return rec
+
     def _parse(self, data):
+        """Index a file's records (the file whole, or none of it if it is corrupt)."""
         if data[:8] != _MAGIC or hashlib.sha256(data[40:]).digest() != data[8:40]:
             raise ValueError("corrupt stencil file")
         pos, recs = 40, {}
         while pos < len(data):
-            dg, kind = data[pos:pos + 16], data[pos + 16:pos + 17]
+            start, dg, kind = pos, data[pos:pos + 16], data[pos + 16:pos + 17]
             pos += 17
             if kind == b"s":
-                ft, phys, ncode, nrel = struct.unpack_from("<BBIH", data, pos)
-                pos += 8
-                code = data[pos:pos + ncode]
-                pos += ncode
-                rel = []
-                for _ in range(nrel):
-                    off, size, pcrel, h, add = _REL.unpack_from(data, pos)
-                    pos += _REL.size
-                    rel.append((off, size, bool(pcrel), _HOLE_NAMES[h], add))
-                st = Stencil.__new__(Stencil)
-                st.code, st.relocs, st.falls_through, st.phys = code, rel, bool(ft), phys
-                st._holes_used()
-                recs[dg] = ("s", st)
+                _, _, ncode, nrel = _STENCIL_HEAD.unpack_from(data, pos)
+                pos += _STENCIL_HEAD.size + ncode + nrel * _REL.size
+                if pos > len(data):
+                    raise ValueError("corrupt stencil file")
+                recs[dg] = ("l", data, start, pos)
             elif kind == b"e":
                 recs[dg] = ("e",)
             elif kind == b"n":
@@ -635,10 +662,13 @@ class Store:
     def _write(self, recs, replaces):
         out = bytearray()
         for dg, rec in recs.items():
+            if rec[0] == "l":
+                out += rec[1][rec[2]:rec[3]]
+                continue
             out += dg + rec[0].encode()
             if rec[0] == "s":
                 st = rec[1]
-                out += struct.pack("<BBIH", st.falls_through, st.phys, len(st.code), len(st.relocs)) + st.code
+                out += _STENCIL_HEAD.pack(st.falls_through, st.phys, len(st.code), len(st.relocs)) + st.code
                 for off, size, pcrel, h, add in st.relocs:
                     out += _REL.pack(off, size, pcrel, _HOLE_INDEX[h], add)
         data = _MAGIC + hashlib.sha256(out).digest() + bytes(out)
@@ -650,7 +680,7 @@ class Store:
             for p in replaces:          # merged into the new file
                 p.unlink(missing_ok=True)
         except OSError:
-            pass                        # a read-only or full cache folder: compile again next time
+            self.errors += 1            # a read-only or full cache folder: compile again next time
 
 
 def flush_stores():

@@ -191,13 +191,20 @@ def _cmd_prebuild(args):
     import time
     from bt import diskcache, library, stencil
     why = diskcache.configure(args.cache_dir)
-    if why:
-        print(f"btvm prebuild: --cache-dir {args.cache_dir}: {why}", file=sys.stderr)
-        return 1
     root = diskcache.default_dir()
+    if not why and root is not None and args.cache_dir is None:
+        why = diskcache.configure(root)         # BTVM_CACHE_DIR or ~/.cache: usable too?
+    if why:
+        print(f"btvm prebuild: {args.cache_dir or root}: {why}", file=sys.stderr)
+        return 1
     if root is None:
         print("btvm prebuild: the translation cache is disabled (BTVM_NO_CACHE): there is nowhere "
               "to keep the library", file=sys.stderr)
+        return 1
+    try:
+        forms = library.read_forms()
+    except (OSError, ValueError) as exc:
+        print(f"btvm prebuild: {exc}", file=sys.stderr)
         return 1
     builder = stencil.shared_builder()
     if builder is None:
@@ -211,9 +218,12 @@ def _cmd_prebuild(args):
     def progress(done, total):
         if tty:
             print(f"\rbtvm prebuild: {done}/{total} shapes", end="", file=sys.stderr, flush=True)
-    shapes, compiled, _ = library.prebuild(builder.lib, progress=progress)
+    shapes, compiled, _ = library.prebuild(builder.lib, forms, progress=progress)
     if tty:
         print(file=sys.stderr)
+    if builder.lib.store.errors:
+        print(f"btvm prebuild: {root}: the stencils could not be written", file=sys.stderr)
+        return 1
     print(f"btvm prebuild: {shapes} stencil shapes ({compiled} compiled now, the others stored before or sharing one) "
           f"and the runtime's functions in {root} ({time.perf_counter() - t0:.1f} s)")
     return 0

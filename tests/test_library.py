@@ -1,6 +1,7 @@
 """The prebuilt stencil library (bt/library.py, `btvm prebuild`): its forms are instructions the
 translator supports, its stencils are the ones a guest would have compiled, and code built from
 them computes what Unicorn computes without compiling anything."""
+import os
 import subprocess
 import sys
 
@@ -114,9 +115,18 @@ def test_btvm_prebuild_fills_the_cache_folder_once(tmp_path):
 
 def test_btvm_prebuild_without_a_usable_folder_says_so_in_one_line(tmp_path):
     (tmp_path / "file").write_text("")
-    bad = _btvm("prebuild", "--cache-dir", str(tmp_path / "file" / "sub"))
-    assert bad.returncode == 1 and bad.stdout == ""
-    assert len(bad.stderr.splitlines()) == 1 and bad.stderr.startswith("btvm prebuild: --cache-dir")
-    import os
-    off = _btvm("prebuild", env=dict(os.environ, BTVM_NO_CACHE="1"))
-    assert off.returncode == 1 and len(off.stderr.splitlines()) == 1
+    unusable = str(tmp_path / "file" / "sub")
+    for args, env in (((("--cache-dir", unusable)), {}), ((), {"BTVM_CACHE_DIR": unusable}), ((), {"BTVM_NO_CACHE": "1"})):
+        bad = _btvm("prebuild", *args, env=dict(os.environ, **env))
+        assert bad.returncode == 1 and bad.stdout == "", (args, env)
+        assert len(bad.stderr.splitlines()) == 1 and bad.stderr.startswith("btvm prebuild: "), bad.stderr
+    assert not (tmp_path / "file").is_dir()
+
+
+def test_a_malformed_forms_line_is_named(tmp_path):
+    forms = tmp_path / "forms.txt"
+    forms.write_text("# comment\n89c8  mov eax, ecx\n\nzz12  junk\n")
+    with pytest.raises(ValueError, match=r"forms.txt:4: "):
+        library.read_forms(forms)
+    forms.write_text("# comment\n89c8  mov eax, ecx\n")
+    assert library.read_forms(forms) == [b"\x89\xc8"]

@@ -149,6 +149,8 @@ def main(argv=None):
                                     for _ in range(args.repeat)]
     else:
         print("qemu-system-i386 not installed (Debian package qemu-system-x86): no QEMU column", file=sys.stderr)
+    order = ["btvm cold", "btvm cold, nothing prebuilt", "btvm cold, stencils kept"]
+    rows = {k: rows[k] for k in order + [k for k in rows if k not in order]}
     med = {k: (statistics.median(v) if all(x is not None for x in v) else None) for k, v in rows.items()}
     q = med.get("qemu-system-i386")
     print(f"{'boot to /init marker':28} {'seconds':>9} {'x QEMU':>8} {'peak RSS MiB':>13} {'blocks compiled':>16}")

@@ -3,7 +3,7 @@
 
     python tools/gen_library.py [--out FILE]
 
-The forms come from code no guest of the benchmarks runs, by three rules:
+The forms come from code no guest of the benchmarks runs, by four rules:
   1. every instruction form of gcc's static C library for i386 (`gcc -m32 -O2 -static` of an
      empty program: compiler-generated code, ~126,000 instructions);
   2. every instruction without a ModRM operand in the one-byte and 0x0F maps, plain and with
