@@ -542,7 +542,8 @@ class CodeCache:
         if all(tb.eip != eip for tb in use):
             return None
         self.counters[counter] += len(use)
-        return self._adopt(use, eip, key, fresh=set(use))
+        # checked: just rebuilt into new cells (their chain slots were never linked).
+        return self._adopt(use, eip, key, fresh=set(use), new=checked)
 
     def _install(self, tb, notify=True, linked=True):
         if len(self.blocks) >= self.max_blocks:

@@ -71,6 +71,10 @@ class SystemCPU(CPU):
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
         self.block_phys = {}    # (eip, key) -> physical page the block was translated from
+        # During a miss (no guest code runs, so no mapping changes): (linear page, user) -> its
+        # physical page, for the fetches and installs the miss makes (a block's page was walked
+        # three times: for the disk cache's window, for decoding, and at install).
+        self._xlat = None
         self.tlb_shadow = TLBShadow()
         self.jc_local = set()       # jump-cache entries that may hold code of non-global pages
         super().__init__(mem, S.make_key(cpl=0))
@@ -336,7 +340,7 @@ class SystemCPU(CPU):
             phys = self._tlb_phys(addr, False, user)
             if phys is None:
                 try:
-                    phys = self.translate(addr, False, user, True)[0]
+                    phys = self._fetch_page(addr, user) | (addr & 0xFFF)
                 except PageFault:
                     return b""
             if phys + n <= self.ram_size:
@@ -433,6 +437,18 @@ class SystemCPU(CPU):
         self._sync_paging()
         self.switch_address_space(keep_global=bool(self.cr4 & CR4_PGE))
 
+    def _fetch_page(self, lin, user):
+        """The physical page of linear address lin for an instruction fetch (PageFault if none),
+        remembered for the rest of the miss (_xlat)."""
+        memo = self._xlat
+        if memo is None:
+            return self.translate(lin, False, user, True)[0] & ~0xFFF
+        at = (lin & 0xFFFFF000, user)
+        phys = memo.get(at)
+        if phys is None:
+            phys = memo[at] = self.translate(lin, False, user, True)[0] & ~0xFFF
+        return phys
+
     def _on_install(self, tb):
         """Remember the physical page a block came from (checked again at every lookup), and
         track the physical page of each of its linear pages: the cache announces a linear page
@@ -443,7 +459,7 @@ class SystemCPU(CPU):
         for i, lin in enumerate(tb.pages):
             interest[lin >> 12] = 1
             try:
-                phys = self.translate(tb.eip if i == 0 else lin, False, user, True)[0] & ~0xFFF
+                phys = self._fetch_page(lin, user)
             except PageFault:
                 continue
             if i == 0:
@@ -486,7 +502,11 @@ class SystemCPU(CPU):
         tb = self.cache.blocks.get((eip, key))
         if tb is not None and self.block_phys.get((eip, key), phys) != phys:
             self.cache.forget(tb, "remap")
-        super()._miss()
+        self._xlat = {} if phys is None else {(eip & 0xFFFFF000, self.cpl == 3): phys}
+        try:
+            super()._miss()
+        finally:
+            self._xlat = None
         tb = self.cache.blocks.get((eip, key))
         if not glob or tb is None or len(tb.pages) != 1:
             self.jc_local.add(S.jc_hash(eip))
