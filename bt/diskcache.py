@@ -236,7 +236,10 @@ class DiskCache:
         # Only what the index lists: probing the tier-1 batch's own name as well cost a failed
         # open() per translation of a cold run (~2 s of a Linux boot).  An entry another process
         # stores after this one loaded the index is missed: it is compiled again, never wrong.
-        names = list(reversed(self.index(key).get((eip, key, self._wdigest(window)), ())))
+        index = self.index(key)
+        if (eip, key) not in self._at:
+            return []
+        names = list(reversed(index.get((eip, key, self._wdigest(window)), ())))
         # Tier-2 regions first, however old: a tier-1 batch stored later (stencil blocks are
         # stored at exit, after the regions made during the run) must not shadow them.
         names.sort(key=lambda n: self._tiers.get(n) != 2)
@@ -262,6 +265,8 @@ class DiskCache:
         """[(entry name, eip there)] of movable blocks with these first bytes at eip's page offset
         elsewhere (see open's delta), the newest first."""
         self.index(key)
+        if (eip & 0xFFF, key) not in self._movable_at:
+            return []
         return list(reversed(self._movable.get((eip & 0xFFF, key, self._wdigest(window)), ())))
 
     def open(self, name, eip, key, fetch, delta=0):
@@ -297,6 +302,10 @@ class DiskCache:
             self._in_region = set()     # index keys of blocks that some tier-2 region holds
             self._in_region_at = set()  # their (eip, key)
             self._movable = {}          # (page offset, key, window digest) -> [(entry name, eip)]
+            # What the index has records for, whatever their bytes: a cold run's lookups (nearly
+            # all of its translations) need not hash their window.
+            self._at = set()            # (eip, key)
+            self._movable_at = set()    # (page offset, key)
             self._loaded = set()        # partitions read
         part = _part(key)
         if part not in self._loaded:
@@ -330,7 +339,9 @@ class DiskCache:
                 lst = self._movable.setdefault((eip & 0xFFF, key & ~MOVABLE, wd), [])
                 if (name, eip) not in lst:
                     lst.append((name, eip))
+                self._movable_at.add((eip & 0xFFF, key & ~MOVABLE))
                 continue
+            self._at.add((eip, key))
             lst = idx.setdefault((eip, key, wd), [])
             if name not in lst:
                 lst.append(name)
