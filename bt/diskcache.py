@@ -430,13 +430,14 @@ class DiskCache:
                                       for b, raw, _, n, name, slots in blocks]},
                           separators=(",", ":")).encode()
         body = meta + obj
-        data = _HDR.pack(MAGIC, hashlib.sha256(body).digest(), len(meta), len(obj)) + body
+        digest = hashlib.sha256(body).digest()
+        data = _HDR.pack(MAGIC, digest, len(meta), len(obj)) + body
         name = self._name(blocks[0][0], key, blocks[0][2])
         if tier != 1:
             # Named by content too: two runs that store different batches under the same head
             # (stencil blocks are stored in the order they were met) must not overwrite each
             # other, or the index records of the first point at an entry without their blocks.
-            name = hashlib.sha256(name + b"tier%d" % tier + hashlib.sha256(body).digest()).digest()
+            name = hashlib.sha256(name + b"tier%d" % tier + digest).digest()
         try:
             atomic_write(self._path_of(name), data)
         except OSError:
