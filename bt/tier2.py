@@ -101,6 +101,8 @@ class Optimizer:
             with self._wake:
                 while not self._todo:
                     self._wake.wait()
+                # Oldest first: the newest first (the code running now) made a cold Linux boot
+                # slower, 14.7-15.2 s against 14.2-14.5 s (3 interleaved rounds).
                 job = self._todo.popleft()
             with self._busy:
                 if not self._closed:
