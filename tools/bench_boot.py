@@ -2,7 +2,7 @@
 """Boot Debian's 686 kernel + a busybox initramfs to the /init marker under btvm (cold and warm
 translation cache) and under qemu-system-i386 -accel tcg, in one run; print times and ratios.
 
-    python tools/bench_boot.py [--repeat N] [--json FILE] [--timeout S]
+    python tools/bench_boot.py [--repeat N] [--cold-repeat N] [--json FILE] [--timeout S]
 
 Rows: btvm cold (empty translation cache after `btvm prebuild`, as the README sets btvm up),
 cold with nothing prebuilt (an empty cache folder), cold with the stencils of that run kept,
@@ -86,6 +86,8 @@ def compiled_blocks(stderr):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=1, help="warm btvm and QEMU runs to take the median of (default 1)")
+    ap.add_argument("--cold-repeat", type=int, default=1,
+                    help="runs of each cold row to take the median of, each from a fresh folder (default 1)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per boot (default 3600)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--fixed-rtc", action="store_true",
@@ -122,35 +124,53 @@ def main(argv=None):
             rows.setdefault("qemu-system-i386", []).append(
                 time_to_marker(qemu_cmd, args.timeout, rss=rss.setdefault("qemu-system-i386", [])))
 
+    paired = {}     # cold row -> [its run's time / the QEMU run's just before it]
+
     def btvm_run(name, run_env=env):
         if name != "btvm warm":
             qemu_run()
         rss.setdefault(name, [])
         t = time_to_marker(btvm, args.timeout, run_env, rss[name], log)
+        q_before = rows.get("qemu-system-i386", [None])[-1] if name != "btvm warm" else None
+        if t is not None and q_before:
+            paired.setdefault(name, []).append(t / q_before)
         blocks.setdefault(name, []).append(compiled_blocks(log))
         return t
+
+    # Each cold row runs --cold-repeat times, each run from a fresh copy of its folder.
+    def cold_runs(name, folder):
+        print(f"{name}...", file=sys.stderr)
+        out = []
+        for i in range(args.cold_repeat):
+            run_dir = work / f"{name.replace(' ', '-').replace(',', '')}-{i}"
+            if folder is not None:
+                shutil.copytree(folder, run_dir)
+            out.append(btvm_run(name, dict(env, BTVM_CACHE_DIR=str(run_dir))))
+            last[name] = run_dir
+        rows[name] = out
+    last = {}
     # Nothing prebuilt: the cache folder is empty, stencil library and runtime functions included.
-    print("btvm cold, nothing prebuilt...", file=sys.stderr)
-    rows["btvm cold, nothing prebuilt"] = [btvm_run("btvm cold, nothing prebuilt",
-                                                    dict(env, BTVM_CACHE_DIR=str(work / "bare")))]
+    cold_runs("btvm cold, nothing prebuilt", None)
     # The same with the stencil library (machine code per instruction shape, made once per
     # translator version and shared by every guest and program) and the runtime's own functions
     # kept from that run: what a boot costs once the translator has met these instruction shapes
     # anywhere.
     kept = work / "kept"
     for sub in ("stencils", "runtime"):
-        if (work / "bare" / sub).is_dir():
-            shutil.copytree(work / "bare" / sub, kept / sub)
-    print("btvm cold, stencils kept...", file=sys.stderr)
-    rows["btvm cold, stencils kept"] = [btvm_run("btvm cold, stencils kept",
-                                                 dict(env, BTVM_CACHE_DIR=str(kept)))]
+        if (last["btvm cold, nothing prebuilt"] / sub).is_dir():
+            shutil.copytree(last["btvm cold, nothing prebuilt"] / sub, kept / sub)
+    cold_runs("btvm cold, stencils kept", kept)
     # As installed by the README's setup command: `btvm prebuild` (bt/library.txt's forms, from
     # no guest's code) into an empty folder, then the first boot: its translation cache is empty.
+    library = work / "library"
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "runtime.cli", "prebuild"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "runtime.cli", "prebuild"], env=dict(env, BTVM_CACHE_DIR=str(library)),
+                   check=True, capture_output=True)
     prebuild_seconds = time.monotonic() - t0
-    print(f"btvm prebuild took {prebuild_seconds:.1f} s; btvm cold (empty translation cache)...", file=sys.stderr)
-    rows["btvm cold"] = [btvm_run("btvm cold")]
+    print(f"btvm prebuild took {prebuild_seconds:.1f} s", file=sys.stderr)
+    cold_runs("btvm cold", library)
+    # The warm runs use the folder the last cold run filled.
+    env["BTVM_CACHE_DIR"] = str(last["btvm cold"])
     print("btvm warm...", file=sys.stderr)
     rows["btvm warm"] = [btvm_run("btvm warm") for _ in range(args.repeat)]
     if qemu:
@@ -163,18 +183,22 @@ def main(argv=None):
     rows = {k: rows[k] for k in order + [k for k in rows if k not in order]}
     med = {k: (statistics.median(v) if all(x is not None for x in v) else None) for k, v in rows.items()}
     q = med.get("qemu-system-i386")
-    print(f"{'boot to /init marker':28} {'seconds':>9} {'x QEMU':>8} {'peak RSS MiB':>13} {'blocks compiled':>16}")
+    print(f"{'boot to /init marker':28} {'seconds':>9} {'x QEMU':>8} {'paired':>7} {'peak RSS MiB':>13} "
+          f"{'blocks compiled':>16}")
     for k, v in med.items():
-        ratio = f"{v / q:8.1f}" if v and q else "       -"
+        ratio = f"{v / q:8.2f}" if v and q else "       -"
         mem = f"{max(rss[k]):13.0f}" if rss.get(k) else "            -"
         nb = blocks.get(k, [None])[-1]
-        print(f"{k:28} {v if v is not None else float('nan'):9.1f} {ratio} {mem} {'-' if nb is None else nb:>16}")
+        pr = f"{statistics.median(paired[k]):7.2f}" if paired.get(k) else "      -"
+        print(f"{k:28} {v if v is not None else float('nan'):9.1f} {ratio} {pr} {mem} {'-' if nb is None else nb:>16}")
     print("(guest RAM is 256 MiB of the RSS; blocks compiled: tier 1, from btvm's last -status line before the marker)")
+    print("(x QEMU: over QEMU's median; paired: the median of each cold run over the QEMU run just before it)")
     print(f"(btvm cold: after `btvm prebuild`, which took {prebuild_seconds:.1f} s once; nothing prebuilt: an empty "
           "cache folder; stencils kept: the stencils and runtime functions of the nothing-prebuilt run)")
     if args.json:
         Path(args.json).write_text(json.dumps({"median_seconds": med, "runs": rows, "peak_rss_mib": rss,
-                                               "blocks_compiled": blocks, "prebuild_seconds": prebuild_seconds},
+                                               "blocks_compiled": blocks, "prebuild_seconds": prebuild_seconds,
+                                               "paired_ratios": paired},
                                               indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
