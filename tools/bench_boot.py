@@ -6,12 +6,13 @@ translation cache) and under qemu-system-i386 -accel tcg, in one run; print time
 
 Rows: btvm cold (empty translation cache after `btvm prebuild`, as the README sets btvm up),
 cold with nothing prebuilt (an empty cache folder), cold with the stencils of that run kept,
-warm, and QEMU (run before each cold row and --repeat times at the end: its median over all
+warm, and QEMU (run before each cold run and --repeat times at the end: its median over all
 runs is the reference, as this machine's speed drifts).  The guest images come from tools/fetch_guests.sh all; the initramfs (built here) prints
 BTVM-INIT-OK from /init and powers off.  QEMU is skipped with a note if it is not installed
 (Debian package qemu-system-x86).  A benchmark, not a test: this machine is noisy, quote ratios.
 """
 import argparse
+import atexit
 import json
 import os
 import re
@@ -85,8 +86,15 @@ def compiled_blocks(stderr):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=1, help="warm btvm and QEMU runs to take the median of (default 1)")
-    ap.add_argument("--cold-repeat", type=int, default=1,
+
+    def at_least_1(text):
+        n = int(text)
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+        return n
+    ap.add_argument("--repeat", type=at_least_1, default=1,
+                    help="warm btvm and QEMU runs to take the median of (default 1)")
+    ap.add_argument("--cold-repeat", type=at_least_1, default=1,
                     help="runs of each cold row to take the median of, each from a fresh folder (default 1)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per boot (default 3600)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -100,6 +108,7 @@ def main(argv=None):
                     os.path.join(ROOT, "runtime")], check=False, capture_output=True)
     g = guests()
     work = Path(tempfile.mkdtemp(prefix="btvm-bench-boot-"))
+    atexit.register(shutil.rmtree, work, True)      # also when a run fails
     initrd = work / "initrd.cpio.gz"
     subprocess.run([sys.executable, str(ROOT / "tools/make_initramfs.py"), "--busybox", g["busybox"],
                     "--script", os.devnull, "-o", str(initrd)], check=True, capture_output=True)
@@ -114,7 +123,7 @@ def main(argv=None):
     log = work / "stderr.txt"
 
     # QEMU runs once before each cold row too, and its median over all runs is the reference:
-    # this machine's speed drifts over minutes, and the cold rows run only once each.
+    # this machine's speed drifts over minutes, and each cold run is paired with the one before it.
     qemu = shutil.which("qemu-system-i386")
     qemu_cmd = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-m", "256", "-kernel", g["kernel"],
                 "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1"]
@@ -156,6 +165,7 @@ def main(argv=None):
     # kept from that run: what a boot costs once the translator has met these instruction shapes
     # anywhere.
     kept = work / "kept"
+    kept.mkdir()
     for sub in ("stencils", "runtime"):
         if (last["btvm cold, nothing prebuilt"] / sub).is_dir():
             shutil.copytree(last["btvm cold, nothing prebuilt"] / sub, kept / sub)
@@ -163,6 +173,7 @@ def main(argv=None):
     # As installed by the README's setup command: `btvm prebuild` (bt/library.txt's forms, from
     # no guest's code) into an empty folder, then the first boot: its translation cache is empty.
     library = work / "library"
+    library.mkdir()
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "runtime.cli", "prebuild"], env=dict(env, BTVM_CACHE_DIR=str(library)),
                    check=True, capture_output=True)
@@ -181,7 +192,10 @@ def main(argv=None):
         print("qemu-system-i386 not installed (Debian package qemu-system-x86): no QEMU column", file=sys.stderr)
     order = ["btvm cold", "btvm cold, nothing prebuilt", "btvm cold, stencils kept", "btvm warm"]
     rows = {k: rows[k] for k in order + [k for k in rows if k not in order]}
-    med = {k: (statistics.median(v) if all(x is not None for x in v) else None) for k, v in rows.items()}
+    # Medians over the runs that reached the marker (a timed-out run is None: counted below).
+    med = {k: (statistics.median([x for x in v if x is not None]) if any(x is not None for x in v) else None)
+           for k, v in rows.items()}
+    lost = {k: sum(x is None for x in v) for k, v in rows.items() if None in v}
     q = med.get("qemu-system-i386")
     print(f"{'boot to /init marker':28} {'seconds':>9} {'x QEMU':>8} {'paired':>7} {'peak RSS MiB':>13} "
           f"{'blocks compiled':>16}")
@@ -193,6 +207,9 @@ def main(argv=None):
         print(f"{k:28} {v if v is not None else float('nan'):9.1f} {ratio} {pr} {mem} {'-' if nb is None else nb:>16}")
     print("(guest RAM is 256 MiB of the RSS; blocks compiled: tier 1, from btvm's last -status line before the marker)")
     print("(x QEMU: over QEMU's median; paired: the median of each cold run over the QEMU run just before it)")
+    if lost:
+        print("(runs that timed out, left out of the medians: "
+              + ", ".join(f"{k} {n} of {len(rows[k])}" for k, n in lost.items()) + ")")
     print(f"(btvm cold: after `btvm prebuild`, which took {prebuild_seconds:.1f} s once; nothing prebuilt: an empty "
           "cache folder; stencils kept: the stencils and runtime functions of the nothing-prebuilt run)")
     if args.json:
