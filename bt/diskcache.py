@@ -248,7 +248,8 @@ class DiskCache:
     def has(self, eip, key, window):
         """Whether the index knows a block at (eip, key) with these first bytes (a hint: the
         entry may since have been evicted)."""
-        return (eip, key, self._wdigest(window)) in self.index(key)
+        index = self.index(key)
+        return (eip, key) in self._at and (eip, key, self._wdigest(window)) in index
 
     def in_region(self, eip, key, window):
         """Whether a stored tier-2 region holds the block at (eip, key) with these first bytes."""

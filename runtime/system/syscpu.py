@@ -351,7 +351,7 @@ class SystemCPU(CPU):
             phys = self._tlb_phys(a, False, user)
             if phys is None:
                 try:
-                    phys = self.translate(a, False, user, True)[0]
+                    phys = self._fetch_page(a, user) | (a & 0xFFF)
                 except PageFault:
                     break
             if phys >= self.ram_size:
