@@ -212,8 +212,9 @@ class DiskCache:
 
     @staticmethod
     def _wdigest(window):
-        # A translation asks for the same window's digest two or three times in a row (one
-        # tuple, swapped whole: tier 2's thread may ask too).
+        # A lookup that finds records asks for the same window's digest more than once in a row
+        # (candidates, moved_candidates, in_region); one tuple swapped whole, so another thread
+        # never sees a window with the other one's digest.
         global _LAST_DIGEST
         last = _LAST_DIGEST
         if last[0] is not window:
