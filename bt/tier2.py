@@ -188,6 +188,11 @@ class Optimizer:
             raise RuntimeError(f"tier-2 worker: {payload.decode(errors='replace')}")
         return payload
 
+    def worker_pid(self):
+        """The worker process's pid, or None while there is none."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
     def _stop_worker(self):
         proc, self._proc = self._proc, None
         if proc is not None:

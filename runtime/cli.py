@@ -258,7 +258,7 @@ def build_parser():
                          "with -clock icount the whole run is then deterministic")
     bo.add_argument("-icount", dest="clock", action="store_const", const="icount", help="same as -clock icount")
     bo.add_argument("-status", metavar="SECONDS", type=float, default=None,
-                    help="print a status line (guest MIPS, blocks compiled) on stderr every SECONDS")
+                    help="print a status line (guest MIPS, blocks compiled, the code cache's memory) on stderr every SECONDS")
     bo.add_argument("-timeout", metavar="SECONDS", type=float, default=None,
                     help="stop the guest after SECONDS of wall-clock time (also while it spins or is halted): "
                          "a one-line report with the guest's eip on stderr and exit status 124, as timeout(1)")

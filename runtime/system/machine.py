@@ -185,13 +185,20 @@ class Machine:
         """Run until the guest powers off, exits through isa-debug-exit or fails; returns the status.
 
         console (runtime.system.console.Console) feeds stdin to COM1; status_every (seconds)
-        prints a status line (guest MIPS, blocks compiled) on stderr; timeout (seconds of wall
-        clock, counted from the time.monotonic() value started, default now) stops a guest that
-        never ends with status 124, as timeout(1) does."""
+        prints a status line (guest MIPS, blocks compiled, the code cache's memory as
+        runtime.memstat measures it) on stderr; timeout (seconds of wall clock, counted from the
+        time.monotonic() value started, default now) stops a guest that never ends with status
+        124, as timeout(1) does."""
         cpu = self.cpu
         import time
         from .console import QuitRequest
         t_last = t0 = time.monotonic()
+        memory = None
+        if status_every is not None:
+            from bt import tier2
+            from runtime.memstat import CacheMemory
+            opt = tier2.shared_optimizer()
+            memory = CacheMemory(self.mem.base, self.ram_size, opt.worker_pid if opt is not None else lambda: None)
         deadline = None if timeout is None else (t0 if started is None else started) + timeout
         i_last = 0
         try:
@@ -209,9 +216,12 @@ class Machine:
                 if status_every is not None and time.monotonic() - t_last >= status_every:
                     now = time.monotonic()
                     c = cpu.cache.counters
+                    used = memory.bytes()
                     print(f"\r\nbtvm: {now - t0:7.1f}s  {(cpu.icount - i_last) / (now - t_last) / 1e6:7.1f} MIPS  "
                           f"{cpu.icount / 1e9:6.2f}G insns  {c['compiled_blocks']} blocks compiled  "
-                          f"{c['persistent_hits']} from disk\r", file=sys.stderr, flush=True)
+                          f"{c['persistent_hits']} from disk"
+                          + (f"  code cache {used / 2**20:.0f} MiB" if used is not None else "")
+                          + "\r", file=sys.stderr, flush=True)
                     t_last, i_last = now, cpu.icount
                 self._interrupt()
                 if self.halted:
