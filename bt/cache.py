@@ -119,8 +119,8 @@ def shared_disk(jit):
 
 class TB:
     """A translated block."""
-    __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "name",
-                 "counter", "tier", "region", "promoting", "hot_addr", "stenciled")
+    __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "_name",
+                 "counter", "tier", "region", "promoting", "hot_addr", "stenciled", "phys")
 
     def __init__(self, block, fn, slots, name):
         if not isinstance(block, diskcache.StoredBlock):
@@ -128,7 +128,7 @@ class TB:
             # instruction, for every block ever translated); tier 2 decodes hot ones again.
             block = diskcache.StoredBlock(block.eip, block.key, block.raw, len(block.insns))
         self.eip, self.key, self.block = block.eip, block.key, block
-        self.fn, self.slots, self.name = fn, slots, name
+        self.fn, self.slots, self._name = fn, slots, name
         self.pages = block.pages()
         self.ninsns = block.ninsns
         self.owner = None
@@ -140,6 +140,13 @@ class TB:
         self.promoting = False    # tier 1: in a region on its way through the optimizer
         self.hot_addr = 0         # tier 1 by copy-and-patch: address of the tier-2 countdown cell
         self.stenciled = False    # tier 1 by copy-and-patch (bt.stencil), not LLVM
+        self.phys = None          # system mode: the physical page of its first byte when installed
+
+    @property
+    def name(self):
+        """Its function's symbol (LLVM blocks), or a name made from its address (stencil blocks
+        have no symbol: not kept, for the ~55,000 blocks of a Linux boot)."""
+        return self._name or f"c{self.eip:08x}_{self.key:x}"
 
     def executions(self):
         return ctypes.c_uint64.from_address(self.counter).value if self.counter else None
@@ -165,7 +172,7 @@ class CodeCache:
         self.jmp_cache = (S.JmpCacheEntry * S.JMP_CACHE_SIZE)()
         self.blocks = {}
         self.by_page = defaultdict(set)
-        self.incoming = defaultdict(set)      # TB -> slot addresses linked to it
+        self.incoming = defaultdict(list)     # TB -> slot addresses linked to it (few: a list)
         self.slot_target = {}                 # slot address -> TB
         self.by_fn = {}
         self.on_install = None
@@ -224,14 +231,18 @@ class CodeCache:
             return
         ctypes.c_uint64.from_address(slot_addr).value = tb.fn
         self.slot_target[slot_addr] = tb
-        self.incoming[tb].add(slot_addr)
+        into = self.incoming[tb]
+        if slot_addr not in into:
+            into.append(slot_addr)
         self.counters["chain_links"] += 1
 
     def _unlink_slot(self, slot_addr):
         tb = self.slot_target.pop(slot_addr, None)
         ctypes.c_uint64.from_address(slot_addr).value = 0
         if tb is not None:
-            self.incoming[tb].discard(slot_addr)
+            into = self.incoming[tb]
+            if slot_addr in into:
+                into.remove(slot_addr)
             self.counters["chain_unlinks"] += 1
 
     # ---- translation ------------------------------------------------------------
@@ -338,7 +349,7 @@ class CodeCache:
         tb = self._stencil_tb(blk, fn, slots, hot, cnt)
         self.counters["stencil_blocks"] += 1
         self.counters["compiled_blocks"] += 1
-        _MEMO[memo_key] = tb
+        _MEMO[tb.memo_key] = tb
         if self.disk is not None:
             # The window now: at save time the guest memory may be gone (a closed snippet).
             self._unsaved.append((tb, recipe, window if window is not None else self.fetch(tb.eip, diskcache.WINDOW)))
@@ -348,7 +359,7 @@ class CodeCache:
 
     @staticmethod
     def _stencil_tb(blk, fn, slots, hot, cnt):
-        tb = TB(blk, fn, slots, f"c{blk.eip:08x}_{blk.key:x}")
+        tb = TB(blk, fn, slots, None)
         tb.hot_addr, tb.counter, tb.stenciled = hot, cnt, True
         return tb
 

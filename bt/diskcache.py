@@ -143,7 +143,7 @@ class StoredBlock:
     def pages(self):
         first = self.eip & ~0xFFF
         last = (self.eip + len(self.raw) - 1) & ~0xFFF
-        return [first] if first == last else [first, last & 0xFFFFFFFF]
+        return (first,) if first == last else (first, last & 0xFFFFFFFF)
 
 
 class Entry:
@@ -186,6 +186,21 @@ def _part(key):
 _LAST_DIGEST = (None, None)
 
 
+# The index holds a record per block stored (~55,000 for a Linux boot): each is one int, not a
+# tuple of three objects, and an entry's name is shared by its records (25 -> 9 MB).
+def _at(eip, key):
+    return key << 32 | eip
+
+
+def _ikey(eip, key, wd):
+    """An index record's key: (eip, key, window digest) as one int."""
+    return int.from_bytes(wd, "little") << 64 | key << 32 | eip
+
+
+def _unkey(k):
+    return k & 0xFFFFFFFF, k >> 32 & 0xFFFFFFFF, (k >> 64).to_bytes(8, "little")
+
+
 class DiskCache:
     def __init__(self, root, fingerprint, max_bytes=None):
         self.root = Path(root)
@@ -197,7 +212,7 @@ class DiskCache:
         self._sized = None          # bytes in the folder, read or measured at the first write
         self._unsaved = 0           # bytes this process added since it last wrote the size file
         self.errors = 0
-        self._index = None          # (eip, key, window digest) -> [entry name], loaded at first use
+        self._index = None          # _ikey(eip, key, window digest) -> entry name or tuple of names
         self._log = None            # this process's index log (named at the first store)
 
     def _name(self, eip, key, window):
@@ -238,9 +253,10 @@ class DiskCache:
         # open() per translation of a cold run (~2 s of a Linux boot).  An entry another process
         # stores after this one loaded the index is missed: it is compiled again, never wrong.
         index = self.index(key)
-        if (eip, key) not in self._at:
+        if _at(eip, key) not in self._at:
             return []
-        names = list(reversed(index.get((eip, key, self._wdigest(window)), ())))
+        names = index.get(_ikey(eip, key, self._wdigest(window)), ())
+        names = [names] if type(names) is bytes else list(reversed(names))
         # Tier-2 regions first, however old: a tier-1 batch stored later (stencil blocks are
         # stored at exit, after the regions made during the run) must not shadow them.
         names.sort(key=lambda n: self._tiers.get(n) != 2)
@@ -250,18 +266,18 @@ class DiskCache:
         """Whether the index knows a block at (eip, key) with these first bytes (a hint: the
         entry may since have been evicted)."""
         index = self.index(key)
-        return (eip, key) in self._at and (eip, key, self._wdigest(window)) in index
+        return _at(eip, key) in self._at and _ikey(eip, key, self._wdigest(window)) in index
 
     def in_region(self, eip, key, window):
         """Whether a stored tier-2 region holds the block at (eip, key) with these first bytes."""
         self.index(key)
-        return (eip, key, self._wdigest(window)) in self._in_region
+        return _ikey(eip, key, self._wdigest(window)) in self._in_region
 
     def maybe_in_region(self, eip, key):
         """False if no stored tier-2 region holds a block at (eip, key), whatever its bytes
         (in_region without fetching and hashing the window)."""
         self.index(key)
-        return (eip, key) in self._in_region_at
+        return _at(eip, key) in self._in_region_at
 
     def moved_candidates(self, eip, key, window):
         """[(entry name, eip there)] of movable blocks with these first bytes at eip's page offset
@@ -296,17 +312,19 @@ class DiskCache:
 
     # ---- the block index ------------------------------------------------------------
     def index(self, key):
-        """The block index: (eip, key, window digest) -> [entry names], loaded by partition (see
-        _part): the records of the partition of key are in it, maybe others'."""
+        """The block index: _ikey(eip, key, window digest) -> an entry name or a tuple of them
+        (the newest last), loaded by partition (see _part): the records of the partition of key
+        are in it, maybe others'."""
         if self._index is None:
             self._index = {}
             self._tiers = {}            # entry name -> tier
+            self._names = {}            # entry name -> itself (one object for all its records)
             self._in_region = set()     # index keys of blocks that some tier-2 region holds
-            self._in_region_at = set()  # their (eip, key)
+            self._in_region_at = set()  # their _at(eip, key)
             self._movable = {}          # (page offset, key, window digest) -> [(entry name, eip)]
             # What the index has records for, whatever their bytes: a cold run's lookups (nearly
             # all of its translations) need not hash their window.
-            self._at = set()            # (eip, key)
+            self._at = set()            # _at(eip, key)
             self._movable_at = set()    # (page offset, key)
             self._loaded = set()        # partitions read
         part = _part(key)
@@ -335,28 +353,37 @@ class DiskCache:
             return []
 
     def _add_records(self, data):
-        idx = self._index
+        idx, names = self._index, self._names
         for eip, key, wd, name, tier in _REC.iter_unpack(data[:len(data) - len(data) % _REC.size]):
+            name = names.setdefault(name, name)
             if key & MOVABLE:
                 lst = self._movable.setdefault((eip & 0xFFF, key & ~MOVABLE, wd), [])
                 if (name, eip) not in lst:
                     lst.append((name, eip))
                 self._movable_at.add((eip & 0xFFF, key & ~MOVABLE))
                 continue
-            self._at.add((eip, key))
-            lst = idx.setdefault((eip, key, wd), [])
-            if name not in lst:
-                lst.append(name)
+            at = _at(eip, key)
+            self._at.add(at)
+            k = _ikey(eip, key, wd)
+            had = idx.get(k)
+            if had is None:
+                idx[k] = name
+            elif type(had) is bytes:
+                if had != name:
+                    idx[k] = (had, name)
+            elif name not in had:
+                idx[k] = had + (name,)
             self._tiers[name] = tier
             if tier == 2:
-                self._in_region.add((eip, key, wd))
-                self._in_region_at.add((eip, key))
+                self._in_region.add(k)
+                self._in_region_at.add(at)
 
     def _merge(self, logs, part):
         """Rewrite a partition's logs as one without the records of evicted entries."""
         alive = {}
         out = bytearray()
-        records = [(eip, key, wd, n) for (eip, key, wd), names in self._index.items() for n in names]
+        records = [(*_unkey(k), n) for k, names in self._index.items()
+                   for n in ((names,) if type(names) is bytes else names)]
         records += [(eip, key | MOVABLE, wd, n) for (_, key, wd), lst in self._movable.items() for n, eip in lst]
         for eip, key, wd, n in records:
             if _part(key) != part:

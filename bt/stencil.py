@@ -878,7 +878,8 @@ class Builder:
         cnt_cell = self.cells.alloc(8, 8) if count else 0
         if hot:
             ctypes.c_int32.from_address(hot_cell).value = hot
-        slots = [self.cells.alloc(8, 8) for _ in range(nslots)]
+        first = self.cells.alloc(8 * nslots, 8) if nslots else 0
+        slots = range(first, first + 8 * nslots, 8)     # not a list of ints: kept by the TB
         inst = self._installer
         if inst is None:
             inst = self._installer = assemble.Installer()

@@ -181,8 +181,8 @@ def test_index_partitions_are_read_apart(tmp_path):
     fresh = diskcache.DiskCache(tmp_path, "x")
     assert fresh.has(0x2000, flat, b"") is False          # another window
     idx = fresh.index(flat)
-    assert (0x2000, flat, b"v" * 8) in idx and (0x1000, paged, b"w" * 8) not in idx
-    assert (0x1000, paged, b"w" * 8) in fresh.index(paged)
+    assert diskcache._ikey(0x2000, flat, b"v" * 8) in idx and diskcache._ikey(0x1000, paged, b"w" * 8) not in idx
+    assert diskcache._ikey(0x1000, paged, b"w" * 8) in fresh.index(paged)
 
 
 def test_concurrent_writers(tmp_path):

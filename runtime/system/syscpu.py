@@ -70,7 +70,6 @@ class SystemCPU(CPU):
         self.walker = Walker(self.read_phys32, self.write_phys32)
         self.delivering = None  # vector being delivered (for #DF / triple fault)
         self.tsc_offset = 0
-        self.block_phys = {}    # (eip, key) -> physical page the block was translated from
         # During a miss (no guest code runs, so no mapping changes): (linear page, user) -> its
         # physical page, for the fetches and installs the miss makes (a block's page was walked
         # three times: for the disk cache's window, for decoding, and at install).
@@ -463,7 +462,7 @@ class SystemCPU(CPU):
             except PageFault:
                 continue
             if i == 0:
-                self.block_phys[(tb.eip, tb.key)] = phys
+                tb.phys = phys
             self._track_code(phys, lin)
 
     def switch_address_space(self, keep_global=False):
@@ -500,7 +499,7 @@ class SystemCPU(CPU):
         except PageFault:
             phys, glob = None, False
         tb = self.cache.blocks.get((eip, key))
-        if tb is not None and self.block_phys.get((eip, key), phys) != phys:
+        if tb is not None and tb.phys not in (None, phys):
             self.cache.forget(tb, "remap")
         self._xlat = {} if phys is None else {(eip & 0xFFFFF000, self.cpl == 3): phys}
         try:
