@@ -7,6 +7,7 @@ semantics never see Capstone types.
 """
 import ctypes
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -224,6 +225,7 @@ def disasm(code, addr, count, bits=32):
 # detail is most of decoding's cost.  A relative branch (~57% of a Linux boot's first meetings:
 # its bytes recur at other addresses) is kept with its displacement: Capstone's target is the
 # next instruction's address plus it, modulo 2**32 (any operand size), and so is its text.
+# Per mode bits, keyed by the bytes the memo keeps anyway (~80,000 entries for a Linux boot).
 _SEEN = {}
 _SEEN_MAX = 1 << 17
 _HEAD = _struct([(_I.address.offset, "Q"), (_I.size.offset, "H"), (_I.bytes.offset, "16s")])
@@ -233,7 +235,10 @@ def _normalize(buf, at, bits, detail_at=None):
     """One Capstone cs_insn (at offset at of buf) as an Insn; its detail is where the cs_insn
     points, or at offset detail_at of buf (a copy)."""
     address, size, raw16 = _HEAD.unpack_from(buf, at)
-    seen = _SEEN.get((bits, raw16[:size]))
+    memo_of = _SEEN.get(bits)
+    if memo_of is None:
+        memo_of = _SEEN[bits] = {}
+    seen = memo_of.get(raw16[:size])
     if seen is not None:
         if len(seen) == 14:
             return Insn(address, *seen)
@@ -241,15 +246,15 @@ def _normalize(buf, at, bits, detail_at=None):
         return Insn(address, size, seen[1], seen[2], seen[3], _imm_text(target),
                     (Op("imm", seen[15], imm=target),), *seen[6:12], True, (target, 0, 0, 0))
     insn = _normalize_detail(buf, at, bits, detail_at)
-    if len(_SEEN) >= _SEEN_MAX:
-        _SEEN.clear()
+    if len(memo_of) >= _SEEN_MAX:
+        memo_of.clear()
     memo = (insn.size, insn.raw, insn.id, insn.mnemonic, insn.op_str, insn.ops, insn.rep, insn.lock, insn.opsize,
             insn.addrsize, insn.seg_override, insn.groups, False, insn.values)
     if not insn.relative:
-        _SEEN[(bits, insn.raw)] = memo
+        memo_of[insn.raw] = memo
     elif len(insn.ops) == 1 and insn.ops[0].kind == "imm" and insn.op_str == _imm_text(insn.ops[0].imm):
         # Without the text, operands and values a hit makes anew (~20 MB of a Linux boot's).
-        _SEEN[(bits, insn.raw)] = memo[:4] + (None, None) + memo[6:13] + (
+        memo_of[insn.raw] = memo[:4] + (None, None) + memo[6:13] + (
             None, (insn.ops[0].imm - insn.next) & 0xFFFFFFFF, insn.ops[0].size)
     return insn
 
@@ -257,6 +262,10 @@ def _normalize(buf, at, bits, detail_at=None):
 def _imm_text(v):
     """Capstone's text of an immediate operand (decimal up to 9)."""
     return f"{v:#x}" if v > 9 else str(v)
+
+
+_SHARED = {}
+_NO_VALUES = (0, 0, 0, 0)
 
 
 def _normalize_detail(buf, at, bits, detail_at=None):
@@ -290,9 +299,12 @@ def _normalize_detail(buf, at, bits, detail_at=None):
         else:
             raise DecodeError("unknown operand type")
     groups = tuple(groups[:ngroups])
+    groups = _SHARED.setdefault(groups, groups)         # few distinct: one object each
     values = tuple([(o.imm if o.kind == "imm" else o.mem.disp if o.kind == "mem" else 0) & 0xFFFFFFFF
                     for o in ops[:4]] + [0] * (4 - min(4, len(ops))))
-    return Insn(address, size, raw[:size], iid, _cstr(mnemonic), _cstr(op_str), tuple(ops),
+    if values == _NO_VALUES:
+        values = _NO_VALUES
+    return Insn(address, size, raw[:size], iid, sys.intern(_cstr(mnemonic)), _cstr(op_str), tuple(ops),
                 rep, lock, opsize, addrsize, seg_override, groups, capstone.CS_GRP_BRANCH_RELATIVE in groups, values)
 
 

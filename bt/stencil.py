@@ -168,7 +168,8 @@ def _vreg(r, actual, vals):
 
 
 _KEYS = {}              # shape key -> itself
-_KINDS = {}             # (instruction bytes, KEY_CS32) -> (Capstone id, operand kinds): Library.level's key
+_KINDS = {}             # KEY_CS32 bit -> {instruction bytes: (Capstone id, operand kinds)}: Library.level's key
+_KIND_OF = {}           # (Capstone id, operand kinds) -> itself: ~2,000 distinct for ~120,000 byte strings
 _SHAPES_MAX = 1 << 17
 
 
@@ -334,12 +335,15 @@ def _name(key):
 
 def _kind(insn, key):
     """What a shape's level is chosen by: (Capstone id, operand kinds), remembered by bytes."""
-    at = (insn.raw, key & S.KEY_CS32)
-    kind = _KINDS.get(at)
+    kinds = _KINDS.get(key & S.KEY_CS32)
+    if kinds is None:
+        kinds = _KINDS[key & S.KEY_CS32] = {}
+    kind = kinds.get(insn.raw)
     if kind is None:
-        if len(_KINDS) >= _SHAPES_MAX:
-            _KINDS.clear()
-        kind = _KINDS[at] = (insn.id, tuple([o.kind for o in insn.ops]))
+        if len(kinds) >= _SHAPES_MAX:
+            kinds.clear()
+        kind = (insn.id, tuple([o.kind for o in insn.ops]))
+        kind = kinds[insn.raw] = _KIND_OF.setdefault(kind, kind)
     return kind
 
 
