@@ -119,18 +119,16 @@ def shared_disk(jit):
 
 class TB:
     """A translated block."""
-    __slots__ = ("eip", "key", "fn", "slots", "block", "pages", "ninsns", "owner", "execs", "memo_key", "_name",
+    __slots__ = ("eip", "key", "fn", "slots", "pages", "ninsns", "owner", "execs", "memo_key", "_name",
                  "counter", "tier", "region", "promoting", "hot_addr", "stenciled", "phys")
 
     def __init__(self, block, fn, slots, name):
-        if not isinstance(block, diskcache.StoredBlock):
-            # Keep the bytes, not the decoded instructions (hundreds of bytes of Python objects per
-            # instruction, for every block ever translated); tier 2 decodes hot ones again.
-            block = diskcache.StoredBlock(block.eip, block.key, block.raw, len(block.insns))
-        self.eip, self.key, self.block = block.eip, block.key, block
+        # Keep the bytes (in memo_key), not the decoded instructions (hundreds of bytes of Python
+        # objects per instruction, for every block ever translated); tier 2 decodes hot ones again.
+        self.eip, self.key = block.eip, block.key
         self.fn, self.slots, self._name = fn, slots, name
         self.pages = block.pages()
-        self.ninsns = block.ninsns
+        self.ninsns = block.ninsns if isinstance(block, diskcache.StoredBlock) else len(block.insns)
         self.owner = None
         self.execs = 0
         self.memo_key = (block.eip, block.key, block.raw)
@@ -141,6 +139,12 @@ class TB:
         self.hot_addr = 0         # tier 1 by copy-and-patch: address of the tier-2 countdown cell
         self.stenciled = False    # tier 1 by copy-and-patch (bt.stencil), not LLVM
         self.phys = None          # system mode: the physical page of its first byte when installed
+
+    @property
+    def block(self):
+        """Its guest bytes and where they are, as a diskcache.StoredBlock."""
+        eip, key, raw = self.memo_key
+        return diskcache.StoredBlock(eip, key, raw, self.ninsns)
 
     @property
     def name(self):

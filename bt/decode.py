@@ -480,7 +480,7 @@ class Block:
         """Guest pages the block's bytes lie on (an instruction may straddle two)."""
         first = self.eip & ~(PAGE - 1)
         last = (self.end - 1) & ~(PAGE - 1)
-        return [first] if first == last else [first, last & 0xFFFFFFFF]
+        return (first,) if first == last else (first, last & 0xFFFFFFFF)
 
 
 def decode_block(fetch, eip, key, ends_block, max_insns=MAX_BLOCK_INSNS, starts_block=None, rules=None):
