@@ -174,12 +174,17 @@ class CodeCache:
         self.batch_insns = batch_insns
         self.max_blocks = max_blocks
         self.jmp_cache = (S.JmpCacheEntry * S.JMP_CACHE_SIZE)()
+        self.link_log = (ctypes.c_uint64 * (1 + S.LINK_LOG))()    # see drain_links
         self.blocks = {}
         self.by_page = defaultdict(set)
         self.incoming = defaultdict(list)     # TB -> slot addresses linked to it (few: a list)
         self.slot_target = {}                 # slot address -> TB
         self.by_fn = {}
         self.on_install = None
+        # fn(tb): put a block installed along with the one a miss asked for (the rest of a stored
+        # entry) in the jump cache, so that the native entry can reach and chain it without the
+        # runtime.  System mode decides by page (SystemCPU._prefill); default: always.
+        self.prefill = self._jc_fill
         self.insns = {}                       # (eip, key) -> (insn, mapping_gen, global_gen, expect): callouts
         self.mapping_gen = 0                  # bumped when the linear->physical view may have changed
         self.global_gen = 0                   # bumped when that of global pages may have (not CR3 writes)
@@ -199,6 +204,10 @@ class CodeCache:
     @property
     def jmp_cache_addr(self):
         return ctypes.addressof(self.jmp_cache)
+
+    @property
+    def link_log_addr(self):
+        return ctypes.addressof(self.link_log)
 
     # ---- lookup -------------------------------------------------------------
     def lookup(self, eip, key):
@@ -229,8 +238,38 @@ class CodeCache:
         return tb
 
     # ---- chaining -------------------------------------------------------------
+    def drain_links(self):
+        """Record the chains the native entry made (runtime/cpu.py: an empty slot whose target the
+        jump cache had), so that unlinking finds them: called before anything reads or changes
+        the back-links."""
+        log = self.link_log
+        n = log[0]
+        if not n:
+            return
+        log[0] = 0
+        owner, by_fn, target = self.slot_owner, self.by_fn, self.slot_target
+        for s in log[1:n + 1]:
+            cell = ctypes.c_uint64.from_address(s)
+            tb = by_fn.get(cell.value)
+            if tb is None or s not in owner:
+                # Its block was dropped while it ran (it wrote over its own code), or emptied
+                # since: never entered again as it is (a re-install empties its slots).
+                cell.value = 0
+                continue
+            old = target.get(s)
+            if old is tb:
+                continue
+            if old is not None:
+                into = self.incoming[old]
+                if s in into:
+                    into.remove(s)
+            target[s] = tb
+            self.incoming[tb].append(s)
+            self.counters["chain_links"] += 1
+
     def link(self, slot_addr, tb):
         """Patch a direct exit of some block to jump straight into tb."""
+        self.drain_links()
         if slot_addr not in self.slot_owner:
             return
         ctypes.c_uint64.from_address(slot_addr).value = tb.fn
@@ -406,6 +445,8 @@ class CodeCache:
             self._install(tb, linked=not new)
             if tb.eip == eip:
                 result = tb
+            elif self.prefill is not None:
+                self.prefill(tb)
         if result is None:
             result = self.blocks[(eip, key)]
         return result
@@ -581,6 +622,7 @@ class CodeCache:
 
     def cut_paths_into(self, tb):
         """Unlink every chained exit into tb and drop it from the jump cache (tb itself stays)."""
+        self.drain_links()
         for s in list(self.incoming.get(tb, ())):
             self._unlink_slot(s)
         self._jc_drop(tb)
@@ -589,6 +631,7 @@ class CodeCache:
         """Remove tb: unlink every chain into and out of it and drop it from the jump cache."""
         if self.blocks.get((tb.eip, tb.key)) is not tb:
             return
+        self.drain_links()
         del self.blocks[(tb.eip, tb.key)]
         self.by_fn.pop(tb.fn, None)
         self._jc_drop(tb)
@@ -619,7 +662,7 @@ class CodeCache:
             a = tb.eip - page
             if a > 0xFFF:
                 a -= 1 << 32            # a block that wraps around the top of the address space
-            if a < end and start < a + len(tb.block.raw):
+            if a < end and start < a + len(tb.memo_key[2]):
                 tbs.append(tb)
         for tb in tbs:
             self.forget(tb, cause)

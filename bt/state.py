@@ -21,6 +21,7 @@ STATUS_MASK = sum(1 << FLAG_BIT[f] for f in STATUS_FLAGS)
 EFLAGS_FIXED1 = 0x2
 
 # Exit codes returned by a translated block (and by the native entry).
+LINK_LOG = 256       # chain slots the native entry may link before the runtime records them
 EXIT_LOOKUP = 0      # eip holds the next guest pc; not in the jump cache / not chained
 EXIT_BUDGET = 1      # instruction budget ran out (time slice, max_instructions, interrupt request)
 EXIT_EXCEPTION = 2   # exc_vector / exc_error hold an architectural exception; eip at the faulting insn
@@ -100,6 +101,7 @@ class CPUState(ctypes.Structure):
         ("load_slow", ctypes.c_uint64),    # u64 (state*, u32 addr, u32 size)
         ("store_slow", ctypes.c_uint64),   # void (state*, u32 addr, u64 val, u32 size)
         ("jmp_cache", ctypes.c_uint64),    # JmpCacheEntry[JMP_CACHE_SIZE]
+        ("link_log", ctypes.c_uint64),     # u64[1 + LINK_LOG]: count, then slots linked natively
         ("scratch", ctypes.c_uint64 * 4),
         # ---- lazy status flags (bt/lazyflags.py): while cc_op != 0, EFLAGS' six status flags are
         # those of the operation cc_op on cc_a, cc_b giving cc_res, not the bits in eflags.

@@ -53,11 +53,56 @@ entry:
   %kh = shl i64 %k64, 32
   %want = or i64 %e64, %kh
   %hit = icmp eq i64 %tag, %want
-  br i1 %hit, label %go, label %miss
-go:
+  br i1 %hit, label %first, label %miss
+first:
   %fpp = getelementptr i8, ptr %ent, i64 8
-  %fp = load ptr, ptr %fpp
+  %fp0 = load ptr, ptr %fpp
+  br label %go
+go:
+  %fp = phi ptr [ %fp0, %first ], [ %fp1, %relink ]
   %r = call {CC} i32 %fp(ptr %st)
+  %lookup = icmp eq i32 %r, {S.EXIT_LOOKUP}
+  br i1 %lookup, label %unlinked, label %done
+unlinked:
+  ; A direct exit whose chain slot is empty (chain_from) to a block the jump cache has: link it
+  ; here, as the runtime would, and log the slot for the runtime's back-links (CodeCache.drain_links).
+  %cfp2 = getelementptr i8, ptr %st, i64 {o('chain_from')}
+  %cf = load i64, ptr %cfp2
+  %has = icmp ne i64 %cf, 0
+  br i1 %has, label %probe, label %done
+probe:
+  %eip2 = load i32, ptr %eipp
+  %key2 = load i32, ptr %keyp
+  %x2 = mul i32 %eip2, {S.JMP_CACHE_MULT - (1 << 32) if S.JMP_CACHE_MULT >= 1 << 31 else S.JMP_CACHE_MULT}
+  %h2 = lshr i32 %x2, {32 - S.JMP_CACHE_BITS}
+  %h642 = zext i32 %h2 to i64
+  %off2 = shl i64 %h642, 4
+  %ent2 = getelementptr i8, ptr %jc, i64 %off2
+  %tag2 = load i64, ptr %ent2
+  %e642 = zext i32 %eip2 to i64
+  %k642 = zext i32 %key2 to i64
+  %kh2 = shl i64 %k642, 32
+  %want2 = or i64 %e642, %kh2
+  %hit2 = icmp eq i64 %tag2, %want2
+  br i1 %hit2, label %room, label %done
+room:
+  %logpp = getelementptr i8, ptr %st, i64 {o('link_log')}
+  %logp = load ptr, ptr %logpp
+  %n = load i64, ptr %logp
+  %free = icmp ult i64 %n, {S.LINK_LOG}
+  br i1 %free, label %relink, label %done
+relink:
+  %fpp1 = getelementptr i8, ptr %ent2, i64 8
+  %fp1 = load ptr, ptr %fpp1
+  %slot = inttoptr i64 %cf to ptr
+  store ptr %fp1, ptr %slot
+  %n1 = add i64 %n, 1
+  %at = getelementptr i64, ptr %logp, i64 %n1
+  store i64 %cf, ptr %at
+  store i64 %n1, ptr %logp
+  store i64 0, ptr %cfp2
+  br label %go
+done:
   %ccp = getelementptr i8, ptr %st, i64 {o('cc_op')}
   %cc = load i32, ptr %ccp
   %lazy = icmp ne i32 %cc, 0
@@ -129,6 +174,7 @@ class CPU:
         self.st.store_slow = ctypes.cast(self._store_cb, ctypes.c_void_p).value
         self.cache = CodeCache(self._fetch, self._code_page)
         self.st.jmp_cache = self.cache.jmp_cache_addr
+        self.st.link_log = self.cache.link_log_addr
         self.tlb_flush()
         self.callouts = {}
         self.on_exception = None
@@ -341,6 +387,12 @@ class CPU:
         exception or interrupt (a fault, INT n/INT3/INTO) or was MOV SS/POP SS.  Translated code
         returns here whenever TF may have become set (POPF with TF in the result, IRET, callouts),
         so code running with TF clear is translated and run as before."""
+        try:
+            return self._run(max_instructions, exact)
+        finally:
+            self.cache.drain_links()    # the chains made natively, counted and unlinkable
+
+    def _run(self, max_instructions, exact):
         st = self.st
         remaining = max_instructions
         stepping = False

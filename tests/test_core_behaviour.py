@@ -1,5 +1,6 @@
 """Behaviour of the core translator beyond single instructions: self-modifying code,
 precise exceptions, exact instruction budgets, chaining and the code-cache counters."""
+import ctypes
 import json
 import subprocess
 import sys
@@ -145,6 +146,63 @@ def test_chaining_and_cache_counters():
         assert c["lookups"] < 20
     finally:
         sn.close()
+
+
+# L's direct exit to T meets T already in the jump cache (reached first through an indirect
+# jump): the native entry links it (runtime/cpu.py), and the runtime records the chain.  T is on
+# a page of its own, so that a store into it invalidates T alone, not L.
+def _native_chain_code():
+    """(code at CODE, T's code, address of L, address of T, address of the rewrite)."""
+    t = CODE + 0x1000
+    head = asm(f"mov ecx, 3; mov edx, {t:#x}; jmp edx")
+    l = CODE + len(head)
+    jump = asm(f"jmp {t:#x}", l)
+    after = l + len(jump)
+    # Then the guest turns T's "inc ebx" (0x43) into "inc esi" (0x46) and loops through L again.
+    tail = asm(f"""
+        mov byte ptr [{t:#x}], 0x46
+        mov ecx, 3
+        cmp edi, 0
+        jne done
+        mov edi, 1
+        jmp {l:#x}
+    done: hlt
+    """, after)
+    return head + jump + tail, asm(f"inc ebx; dec ecx; jnz {l:#x}; jmp {after:#x}", t), l, t, after
+
+
+def test_native_entry_links_and_the_runtime_records_it():
+    code, t_code, l, t, after = _native_chain_code()
+    sn = Snippet(trace_writes=False)
+    try:
+        sn.mem.write(CODE, code[:after - CODE] + b"\xf4")          # hlt before the rewrite
+        sn.mem.write(t, t_code)
+        sn.cpu.set_reg("eip", CODE)
+        sn.cpu.set_reg("esp", 0x9000)
+        cache = sn.cpu.cache
+        by_python = []
+        link = cache.link
+        cache.link = lambda slot, tb: (by_python.append(slot), link(slot, tb))
+        assert sn.cpu.run(1000).reason == "hlt"
+        assert sn.cpu.reg("ebx") == 3
+        l_tb, t_tb = cache.blocks[(l, sn.cpu.key)], cache.blocks[(t, sn.cpu.key)]
+        (slot,) = l_tb.slots
+        assert slot not in by_python                        # not linked by the runtime...
+        assert ctypes.c_uint64.from_address(slot).value == t_tb.fn     # ...but linked
+        assert cache.slot_target[slot] is t_tb and slot in cache.incoming[t_tb]
+        cache.forget(t_tb, "smc")                           # and unlinked with its target
+        assert ctypes.c_uint64.from_address(slot).value == 0
+    finally:
+        sn.close()
+
+
+def test_native_chain_into_code_the_guest_rewrites():
+    # The chain L -> T that the native entry made must go with the old T.
+    code, t_code, _, t, _ = _native_chain_code()
+    case = make_case(code, data={t: t_code})
+    result = run_case(case)
+    assert not oracle_mismatches(case, result)
+    assert result["final"]["regs"]["ebx"] == 3 and result["final"]["regs"]["esi"] == 3
 
 
 def _btvm(*args, stdin=None):

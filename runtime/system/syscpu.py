@@ -100,6 +100,7 @@ class SystemCPU(CPU):
         self._native_walk = walk()
         self._sync_paging()
         self.cache.on_install = self._on_install
+        self.cache.prefill = self._prefill
         self.cache.is_global = self._maps_global
         self.on_single_step = SystemCPU.single_step_trap
         self.sync_segments()
@@ -464,6 +465,18 @@ class SystemCPU(CPU):
             if i == 0:
                 tb.phys = phys
             self._track_code(phys, lin)
+
+    def _prefill(self, tb):
+        """Put a block just installed from a stored entry in the jump cache if its page is global
+        (as a lookup would, without the jc_local record that the other pages' entries need)."""
+        if len(tb.pages) != 1 or tb.phys is None:
+            return
+        try:
+            phys, glob, _ = self.translate(tb.eip, False, S.key_cpl(tb.key) == 3, True)
+        except PageFault:
+            return
+        if glob and phys & ~0xFFF == tb.phys:
+            self.cache._jc_fill(tb)
 
     def switch_address_space(self, keep_global=False):
         """A new linear->physical mapping.  Translated blocks are kept: a block is re-checked
