@@ -7,13 +7,7 @@ Library pages are left out: they are the same whether or not anything was transl
 Anonymous, not "private": a library's clean file pages count as private only until another
 process maps the same file (the tier-2 worker maps libllvmlite's ~90 MiB).
 """
-import time
-
-GUEST_EVERY = 10.0      # seconds between walks of the guest's RAM (~15 ms each for a Linux guest)
-
-
-def _anon(line):
-    return int(line.split()[1]) * 1024 if line.startswith(b"Anonymous:") else 0
+import mmap
 
 
 def anon_bytes(pid="self"):
@@ -29,42 +23,39 @@ def anon_bytes(pid="self"):
     return None
 
 
+# /proc/self/pagemap has a u64 per page; its top byte holds bit 63 (present) and bit 56 (mapped
+# exclusively): a page the guest wrote.  A page it only read maps the shared zero page: present,
+# not exclusive (mincore would count it).
+_WRITTEN = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
+
+
 def anon_bytes_in(addr, size):
-    """Anonymous resident bytes of this process's mappings that start in [addr, addr+size).
-    (Not mincore: a guest's read of a page it never wrote maps the shared zero page, which
-    mincore counts as resident.)"""
-    total, inside = 0, False
+    """Bytes of [addr, addr+size) (page-aligned) that this process has written: ~1.5 ms for a
+    256 MiB guest.  0 if /proc/self/pagemap cannot be read."""
+    page = mmap.PAGESIZE
     try:
-        with open("/proc/self/smaps", "rb") as f:
-            for line in f:
-                if not line[:1].isupper():          # a mapping's first line: "lo-hi perms ..."
-                    inside = addr <= int(line[:line.index(b"-")], 16) < addr + size
-                elif inside:
-                    total += _anon(line)
-    except (OSError, ValueError):
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(addr // page * 8)
+            data = f.read((size + page - 1) // page * 8)
+    except OSError:
         return 0
-    return total
+    return data[7::8].translate(_WRITTEN).count(1) * page
 
 
 class CacheMemory:
-    """The code cache's resident memory, measured against the moment this is made.  The guest's
-    RAM is walked at most every GUEST_EVERY seconds: in between, what the guest wrote since
-    counts as the code cache's (the figure is never below the truth)."""
+    """The code cache's resident memory, measured against the moment this is made."""
 
     def __init__(self, guest_addr, guest_size, worker_pid=lambda: None):
         self.guest = (guest_addr, guest_size)
         self.worker_pid = worker_pid
         self.start = anon_bytes()
-        self.guest_start = self.guest_now = anon_bytes_in(*self.guest)
-        self.guest_at = time.monotonic()
+        self.guest_start = anon_bytes_in(*self.guest)
 
     def bytes(self):
         """Bytes now, or None where /proc cannot tell."""
         now = anon_bytes()
         if now is None or self.start is None:
             return None
-        if time.monotonic() - self.guest_at >= GUEST_EVERY:
-            self.guest_now, self.guest_at = anon_bytes_in(*self.guest), time.monotonic()
         pid = self.worker_pid()
         worker = (anon_bytes(pid) or 0) if pid else 0
-        return now - self.start - (self.guest_now - self.guest_start) + worker
+        return now - self.start - (anon_bytes_in(*self.guest) - self.guest_start) + worker

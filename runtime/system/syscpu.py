@@ -440,14 +440,19 @@ class SystemCPU(CPU):
     def _fetch_page(self, lin, user):
         """The physical page of linear address lin for an instruction fetch (PageFault if none),
         remembered for the rest of the miss (_xlat)."""
+        return self._fetch_page_g(lin, user) & ~0xFFF
+
+    def _fetch_page_g(self, lin, user):
+        """_fetch_page's physical page, plus 1 if the mapping is global."""
         memo = self._xlat
-        if memo is None:
-            return self.translate(lin, False, user, True)[0] & ~0xFFF
         at = (lin & 0xFFFFF000, user)
-        phys = memo.get(at)
-        if phys is None:
-            phys = memo[at] = self.translate(lin, False, user, True)[0] & ~0xFFF
-        return phys
+        v = None if memo is None else memo.get(at)
+        if v is None:
+            phys, glob, _ = self.translate(lin, False, user, True)
+            v = (phys & ~0xFFF) | glob
+            if memo is not None:
+                memo[at] = v
+        return v
 
     def _on_install(self, tb):
         """Remember the physical page a block came from (checked again at every lookup), and
@@ -472,10 +477,10 @@ class SystemCPU(CPU):
         if len(tb.pages) != 1 or tb.phys is None:
             return
         try:
-            phys, glob, _ = self.translate(tb.eip, False, S.key_cpl(tb.key) == 3, True)
+            v = self._fetch_page_g(tb.eip, S.key_cpl(tb.key) == 3)
         except PageFault:
             return
-        if glob and phys & ~0xFFF == tb.phys:
+        if v == tb.phys | 1:           # global, and the page the block came from
             self.cache._jc_fill(tb)
 
     def switch_address_space(self, keep_global=False):
@@ -514,7 +519,7 @@ class SystemCPU(CPU):
         tb = self.cache.blocks.get((eip, key))
         if tb is not None and tb.phys not in (None, phys):
             self.cache.forget(tb, "remap")
-        self._xlat = {} if phys is None else {(eip & 0xFFFFF000, self.cpl == 3): phys}
+        self._xlat = {} if phys is None else {(eip & 0xFFFFF000, self.cpl == 3): phys | glob}
         try:
             super()._miss()
         finally:
