@@ -28,6 +28,26 @@ SLICE = 1 << 22
 _enter_fn = None
 
 
+def _jc_probe(n):
+    """IR probing the jump cache (%jc) for state's eip and mode key (%eipp, %keyp): defines
+    %entN (the entry) and %hitN (its tag matches), as S.jc_hash hashes."""
+    mult = S.JMP_CACHE_MULT - (1 << 32) if S.JMP_CACHE_MULT >= 1 << 31 else S.JMP_CACHE_MULT
+    return f"""
+  %eip{n} = load i32, ptr %eipp
+  %key{n} = load i32, ptr %keyp
+  %x{n} = mul i32 %eip{n}, {mult}
+  %h{n} = lshr i32 %x{n}, {32 - S.JMP_CACHE_BITS}
+  %hw{n} = zext i32 %h{n} to i64
+  %off{n} = shl i64 %hw{n}, 4
+  %ent{n} = getelementptr i8, ptr %jc, i64 %off{n}
+  %tag{n} = load i64, ptr %ent{n}
+  %ew{n} = zext i32 %eip{n} to i64
+  %kw{n} = zext i32 %key{n} to i64
+  %kh{n} = shl i64 %kw{n}, 32
+  %want{n} = or i64 %ew{n}, %kh{n}
+  %hit{n} = icmp eq i64 %tag{n}, %want{n}"""
+
+
 def _native_enter():
     """Compile (once per process) the native entry: jump-cache probe, then call the block."""
     global _enter_fn
@@ -37,25 +57,12 @@ def _native_enter():
 define i32 @btvm_enter(ptr %st) nounwind {{
 entry:
   %eipp = getelementptr i8, ptr %st, i64 {o('eip')}
-  %eip = load i32, ptr %eipp
   %keyp = getelementptr i8, ptr %st, i64 {o('mode_key')}
-  %key = load i32, ptr %keyp
   %jcpp = getelementptr i8, ptr %st, i64 {o('jmp_cache')}
-  %jc = load ptr, ptr %jcpp
-  %x = mul i32 %eip, {S.JMP_CACHE_MULT - (1 << 32) if S.JMP_CACHE_MULT >= 1 << 31 else S.JMP_CACHE_MULT}
-  %h = lshr i32 %x, {32 - S.JMP_CACHE_BITS}
-  %h64 = zext i32 %h to i64
-  %off = shl i64 %h64, 4
-  %ent = getelementptr i8, ptr %jc, i64 %off
-  %tag = load i64, ptr %ent
-  %e64 = zext i32 %eip to i64
-  %k64 = zext i32 %key to i64
-  %kh = shl i64 %k64, 32
-  %want = or i64 %e64, %kh
-  %hit = icmp eq i64 %tag, %want
-  br i1 %hit, label %first, label %miss
+  %jc = load ptr, ptr %jcpp{_jc_probe(1)}
+  br i1 %hit1, label %first, label %miss
 first:
-  %fpp = getelementptr i8, ptr %ent, i64 8
+  %fpp = getelementptr i8, ptr %ent1, i64 8
   %fp0 = load ptr, ptr %fpp
   br label %go
 go:
@@ -70,20 +77,7 @@ unlinked:
   %cf = load i64, ptr %cfp2
   %has = icmp ne i64 %cf, 0
   br i1 %has, label %probe, label %done
-probe:
-  %eip2 = load i32, ptr %eipp
-  %key2 = load i32, ptr %keyp
-  %x2 = mul i32 %eip2, {S.JMP_CACHE_MULT - (1 << 32) if S.JMP_CACHE_MULT >= 1 << 31 else S.JMP_CACHE_MULT}
-  %h2 = lshr i32 %x2, {32 - S.JMP_CACHE_BITS}
-  %h642 = zext i32 %h2 to i64
-  %off2 = shl i64 %h642, 4
-  %ent2 = getelementptr i8, ptr %jc, i64 %off2
-  %tag2 = load i64, ptr %ent2
-  %e642 = zext i32 %eip2 to i64
-  %k642 = zext i32 %key2 to i64
-  %kh2 = shl i64 %k642, 32
-  %want2 = or i64 %e642, %kh2
-  %hit2 = icmp eq i64 %tag2, %want2
+probe:{_jc_probe(2)}
   br i1 %hit2, label %room, label %done
 room:
   %logpp = getelementptr i8, ptr %st, i64 {o('link_log')}
