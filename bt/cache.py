@@ -270,8 +270,9 @@ class CodeCache:
     def link(self, slot_addr, tb):
         """Patch a direct exit of some block to jump straight into tb."""
         self.drain_links()
-        if slot_addr not in self.slot_owner:
-            return
+        owner = self.slot_owner.get(slot_addr)
+        if owner is None or owner.key != tb.key:
+            return                  # a chain never changes the mode key
         ctypes.c_uint64.from_address(slot_addr).value = tb.fn
         self.slot_target[slot_addr] = tb
         into = self.incoming[tb]

@@ -56,6 +56,10 @@ def _native_enter():
         ir = f"""
 define i32 @btvm_enter(ptr %st) nounwind {{
 entry:
+  ; chain_from is set only by an exit through an empty slot of this run: one left from a run
+  ; whose lookup then failed (a fault) must not be linked to the block after some later exit.
+  %cfp = getelementptr i8, ptr %st, i64 {o('chain_from')}
+  store i64 0, ptr %cfp
   %eipp = getelementptr i8, ptr %st, i64 {o('eip')}
   %keyp = getelementptr i8, ptr %st, i64 {o('mode_key')}
   %jcpp = getelementptr i8, ptr %st, i64 {o('jmp_cache')}
@@ -73,8 +77,7 @@ go:
 unlinked:
   ; A direct exit whose chain slot is empty (chain_from) to a block the jump cache has: link it
   ; here, as the runtime would, and log the slot for the runtime's back-links (CodeCache.drain_links).
-  %cfp2 = getelementptr i8, ptr %st, i64 {o('chain_from')}
-  %cf = load i64, ptr %cfp2
+  %cf = load i64, ptr %cfp
   %has = icmp ne i64 %cf, 0
   br i1 %has, label %probe, label %done
 probe:{_jc_probe(2)}
@@ -94,7 +97,7 @@ relink:
   %at = getelementptr i64, ptr %logp, i64 %n1
   store i64 %cf, ptr %at
   store i64 %n1, ptr %logp
-  store i64 0, ptr %cfp2
+  store i64 0, ptr %cfp
   br label %go
 done:
   %ccp = getelementptr i8, ptr %st, i64 {o('cc_op')}
@@ -107,8 +110,6 @@ fold:
 out:
   ret i32 %r
 miss:
-  %cfp = getelementptr i8, ptr %st, i64 {o('chain_from')}
-  store i64 0, ptr %cfp
   ret i32 {S.EXIT_LOOKUP}
 }}
 """
@@ -338,6 +339,7 @@ class CPU:
 
     def _miss(self):
         st = self.st
+        chain_from, st.chain_from = st.chain_from, 0     # taken before anything can raise
         self.sync_ac()
         eip = st.eip
         try:
@@ -352,10 +354,8 @@ class CPU:
             return
         except Unsupported as exc:
             raise Stop("unsupported", message=str(exc), eip=eip)
-        if st.chain_from:
-            if tb.key == self.key:
-                self.cache.link(st.chain_from, tb)
-            st.chain_from = 0
+        if chain_from and tb.key == self.key:
+            self.cache.link(chain_from, tb)
 
     def fetch_fault(self, addr, n):
         """(first address in [addr, addr+n) that cannot be fetched, #PF error code) or None."""

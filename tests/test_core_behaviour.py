@@ -205,6 +205,36 @@ def test_native_chain_into_code_the_guest_rewrites():
     assert result["final"]["regs"]["ebx"] == 3 and result["final"]["regs"]["esi"] == 3
 
 
+def test_a_chain_slot_left_by_a_fault_is_not_linked_later():
+    # A jumps (direct exit, empty slot) to bytes that do not decode: #UD, whose handler goes to H,
+    # where a POPF that flips EFLAGS.AC leaves its block (EXIT_LOOKUP without a slot).  A's slot
+    # must not be linked to the block after that POPF: A is reached again and faults again.
+    h, n, a, bad = CODE + 0x100, CODE + 0x180, CODE + 0x200, CODE + 0x280
+    flip = asm("pushfd; xor dword ptr [esp], 0x40000; popfd", h)
+    sn = Snippet(trace_writes=False)
+    try:
+        for addr, code in [(CODE, asm(f"mov esi, 0; mov edx, {h:#x}; jmp edx")),
+                           (h, flip + asm(f"jmp {n:#x}", h + len(flip))),
+                           (n, asm(f"inc esi; cmp esi, 3; jb {a:#x}; hlt", n)),
+                           (a, asm(f"jmp {bad:#x}", a)),
+                           (bad, bytes.fromhex("0f04"))]:
+            sn.mem.write(addr, code)
+        cpu = sn.cpu
+        cpu.set_reg("eip", CODE)
+        cpu.set_reg("esp", 0x9000)
+        faults = []
+
+        def on_exception(c, vector, error, fault_addr):
+            faults.append((vector, c.st.eip))
+            c.set_reg("eip", h)
+        cpu.on_exception = on_exception
+        assert cpu.run(10000).reason == "hlt"
+        assert cpu.reg("esi") == 3
+        assert faults == [(6, bad), (6, bad)]
+    finally:
+        sn.close()
+
+
 def _btvm(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, input=stdin)
 
