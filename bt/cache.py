@@ -891,10 +891,13 @@ class CodeCache:
             self.counters["tier2_dropped"] += 1        # invalidated while being optimized
             return
         new = self._register_region(job)
+        phys = {t.eip: t.phys for t in job.old}
         for t in job.old:
             self.forget(t)
         for tb in new:
-            # Not announced (on_install): it replaces a block translated from the same bytes.
+            # Not announced (on_install): it replaces a block translated from the same bytes,
+            # and keeps its physical page (checked again at every lookup in system mode).
+            tb.phys = phys.get(tb.eip)
             self._install(tb, notify=False)
 
     def _make_region(self, members):

@@ -538,3 +538,30 @@ def test_interpreter_exit_waits_for_the_compile_in_flight():
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["at", "exit:", "idle", "1"], p.stdout
+
+
+def test_a_tier2_block_is_checked_against_its_physical_page_after_a_remap(promote):
+    # A hot loop at linear 0x200000 (physical page A) goes to tier 2; then 0x200000 maps page B,
+    # which holds other code, and CR3 is written: the region must not run there (it kept no
+    # physical page once, and nothing checked it).
+    import struct
+    from runtime.system.machine import Machine
+    from tests.test_callouts import OUT, build, store
+    from tests.test_tlb_global import A, B, CR3, SETUP, _bytes_at, _map
+    promote(8)
+    loop = bytes([0x40, 0x49, 0x75, 0xFC, 0xC3])                 # l: inc eax; dec ecx; jnz l; ret
+    other = bytes([0xB8, 0x77, 0, 0, 0, 0xC3])                  # mov eax, 0x77; ret
+    body = (_bytes_at(loop, 0x205000) + _bytes_at(other, 0x206000)
+            + _map(A) + CR3 + "    xor eax, eax\n    mov ecx, 300\n    mov ebx, 0x200000\n    call ebx\n"
+            + store(0)
+            + _map(B) + CR3 + "    xor eax, eax\n    mov ecx, 1\n    mov ebx, 0x200000\n    call ebx\n"
+            + store(1))
+    m = Machine(ram_mb=8, serial_out=bytearray().extend)
+    try:
+        m.load_multiboot(build(SETUP + body, None))
+        m.run()
+        out = struct.unpack("<2I", m.cpu.read_phys(OUT, 8))
+        assert m.cpu.cache.counters["tier2_blocks"] > 0
+    finally:
+        m.close()
+    assert out == (300, 0x77)
