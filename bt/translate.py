@@ -78,7 +78,7 @@ def static_successors(block):
     last = block.insns[-1]
     info = TABLE.get(last.id)
     if info is None or not info.ends_block or block.stop_reason:
-        return [block.end]
+        return [block.end & 0xFFFFFFFF]     # a block that ends at the top goes on at 0
     out = []
     groups = set(last.groups)
     if info.callout:
