@@ -247,7 +247,7 @@ class CodeCache:
         if not n:
             return
         log[0] = 0
-        owner, by_fn, target = self.slot_owner, self.by_fn, self.slot_target
+        owner, by_fn = self.slot_owner, self.by_fn
         for s in log[1:n + 1]:
             cell = ctypes.c_uint64.from_address(s)
             tb = by_fn.get(cell.value)
@@ -256,16 +256,23 @@ class CodeCache:
                 # since: never entered again as it is (a re-install empties its slots).
                 cell.value = 0
                 continue
-            old = target.get(s)
-            if old is tb:
-                continue
-            if old is not None:
-                into = self.incoming[old]
-                if s in into:
-                    into.remove(s)
-            target[s] = tb
-            self.incoming[tb].append(s)
-            self.counters["chain_links"] += 1
+            self._linked(s, tb)
+
+    def _linked(self, slot_addr, tb):
+        """Record that slot_addr now jumps into tb (the back-link forget() unlinks by)."""
+        old = self.slot_target.get(slot_addr)
+        if old is tb:
+            return
+        if old is not None:
+            self._drop_back_link(old, slot_addr)
+        self.slot_target[slot_addr] = tb
+        self.incoming[tb].append(slot_addr)
+        self.counters["chain_links"] += 1
+
+    def _drop_back_link(self, tb, slot_addr):
+        into = self.incoming[tb]
+        if slot_addr in into:
+            into.remove(slot_addr)
 
     def link(self, slot_addr, tb):
         """Patch a direct exit of some block to jump straight into tb."""
@@ -274,19 +281,13 @@ class CodeCache:
         if owner is None or owner.key != tb.key:
             return                  # a chain never changes the mode key
         ctypes.c_uint64.from_address(slot_addr).value = tb.fn
-        self.slot_target[slot_addr] = tb
-        into = self.incoming[tb]
-        if slot_addr not in into:
-            into.append(slot_addr)
-        self.counters["chain_links"] += 1
+        self._linked(slot_addr, tb)
 
     def _unlink_slot(self, slot_addr):
         tb = self.slot_target.pop(slot_addr, None)
         ctypes.c_uint64.from_address(slot_addr).value = 0
         if tb is not None:
-            into = self.incoming[tb]
-            if slot_addr in into:
-                into.remove(slot_addr)
+            self._drop_back_link(tb, slot_addr)
             self.counters["chain_unlinks"] += 1
 
     # ---- translation ------------------------------------------------------------

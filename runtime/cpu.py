@@ -354,8 +354,8 @@ class CPU:
             return
         except Unsupported as exc:
             raise Stop("unsupported", message=str(exc), eip=eip)
-        if chain_from and tb.key == self.key:
-            self.cache.link(chain_from, tb)
+        if chain_from:
+            self.cache.link(chain_from, tb)     # refused if the slot's block has another key
 
     def fetch_fault(self, addr, n):
         """(first address in [addr, addr+n) that cannot be fetched, #PF error code) or None."""
