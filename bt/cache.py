@@ -735,6 +735,8 @@ class CodeCache:
         tb = self.blocks.get((eip, key))
         if tb is None or tb.tier != 1 or tb.promoting or self.optimizer is None:
             return
+        if self._stored_region(eip, key):
+            return
         opt = self.optimizer
         if not opt.sync and not opt.process and time.perf_counter() - self.last_compile < tier2.QUIET:
             self._rearm(tb)
@@ -765,6 +767,31 @@ class CodeCache:
                                         mt.text()))
         if self.optimizer.sync:
             self.poll_tier2()
+
+    def _stored_region(self, eip, key):
+        """Install a region of the disk cache that holds the hot block at (eip, key) as memory
+        has it now; whether there was one.  Its tier-1 batch may have been loaded while the
+        block's lookup window (bytes past the block) still differed from the one the region was
+        stored under: code the guest patches or loads near it.  A Linux boot compiled three
+        regions again in every warm run that way."""
+        disk = self.disk
+        if disk is None or not disk.maybe_in_region(eip, key):
+            return False
+        window = self.fetch(eip, diskcache.WINDOW)
+        if not disk.in_region(eip, key, window):
+            return False
+        for name in disk.candidates(eip, key, window):
+            if disk.tier_of(name) != 2:
+                break               # tier-2 regions come first
+            known = _ENTRIES.get(name)
+            if known is not None:
+                tb = self._adopt_entry(*known, eip, key, counter="memo_hits")
+            else:
+                ent = disk.open(name, eip, key, self.fetch)
+                tb = self._load_entry(ent, eip, key) if ent is not None else None
+            if tb is not None and tb.tier == 2:
+                return True
+        return False
 
     def _flags_live(self, region, key):
         """bt.lazyflags.flags_live of every block the region's members may jump to directly: an

@@ -262,6 +262,10 @@ class DiskCache:
         names.sort(key=lambda n: self._tiers.get(n) != 2)
         return names
 
+    def tier_of(self, name):
+        """The tier an indexed entry was stored with (store's tier: 2 is a tier-2 region), or None."""
+        return self._tiers.get(name)
+
     def has(self, eip, key, window):
         """Whether the index knows a block at (eip, key) with these first bytes (a hint: the
         entry may since have been evicted)."""

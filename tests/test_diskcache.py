@@ -136,6 +136,35 @@ def test_tier2_regions_are_persisted(tmp_path):
     assert (b["eax"], b["ebx"]) == (b_ref["eax"], b_ref["ebx"])
 
 
+# The loop at the end of its page: its first 32 bytes (the disk cache's lookup window) run on
+# into the next page, which holds no code and gets a byte written before the loop is hot.  So
+# when the second run loads the batch holding the loop, the loop's window is not yet the one
+# its region was stored under; it is when the loop gets hot.
+_PAD = 4061
+WINDOW_CHANGES = asm("""
+    mov ecx, 300
+    xor eax, eax
+    mov byte ptr [0x2008], 0x90
+    jmp body
+""" + "nop\n" * _PAD + """
+body:
+    add eax, ecx
+    dec ecx
+    jnz body
+    hlt
+""")
+assert WINDOW_CHANGES[0xFF0:0xFF2] == asm("add eax, ecx", 0)
+
+
+def test_a_block_that_gets_hot_takes_its_stored_region(tmp_path):
+    env = {"BTVM_HOT": "10", "BTVM_TIER2_SYNC": "1"}
+    first = _run(WINDOW_CHANGES, tmp_path, **env)
+    assert first["stop"] == "hlt" and first["tier2"] > 0
+    second = _run(WINDOW_CHANGES, tmp_path, **env)
+    assert second["tier2"] == 0 and second["regions_loaded"] >= 1 and second["compiled"] == 0, second
+    assert second["eax"] == first["eax"] == sum(range(301))
+
+
 def _index_dirs(root):
     """The per-version index folders under a cache folder."""
     from bt import diskcache

@@ -209,7 +209,7 @@ def main(argv=None):
         print(f"{k:28} {v if v is not None else float('nan'):9.1f} {ratio} {pr} {mem} {'-' if cm is None else cm:>15} "
               f"{'-' if nb is None else nb:>16}")
     print("(code cache: what btvm's anonymous memory grew by, the guest's RAM left out and the tier-2 worker's "
-          "counted, the largest of the row's runs; blocks compiled: tier 1; both from btvm's last -status line "
+          "counted, the largest of the row's runs; blocks compiled: all tiers; both from btvm's last -status line "
           "before the marker)")
     print("(x QEMU: over QEMU's median; paired: the median of each cold run over the QEMU run just before it)")
     if lost:

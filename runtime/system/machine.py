@@ -185,7 +185,7 @@ class Machine:
         """Run until the guest powers off, exits through isa-debug-exit or fails; returns the status.
 
         console (runtime.system.console.Console) feeds stdin to COM1; status_every (seconds)
-        prints a status line (guest MIPS, blocks compiled, the code cache's memory as
+        prints a status line (guest MIPS, blocks compiled in all tiers, the code cache's memory as
         runtime.memstat measures it) on stderr; timeout (seconds of wall clock, counted from the
         time.monotonic() value started, default now) stops a guest that never ends with status
         124, as timeout(1) does."""
@@ -218,7 +218,7 @@ class Machine:
                     c = cpu.cache.counters
                     used = memory.bytes()
                     print(f"\r\nbtvm: {now - t0:7.1f}s  {(cpu.icount - i_last) / (now - t_last) / 1e6:7.1f} MIPS  "
-                          f"{cpu.icount / 1e9:6.2f}G insns  {c['compiled_blocks']} blocks compiled  "
+                          f"{cpu.icount / 1e9:6.2f}G insns  {c['compiled_blocks'] + c['tier2_blocks']} blocks compiled  "
                           f"{c['persistent_hits']} from disk"
                           + (f"  code cache {used / 2**20:.0f} MiB" if used is not None else "")
                           + "\r", file=sys.stderr, flush=True)
