@@ -68,7 +68,7 @@ _LIVE = weakref.WeakSet()
 
 def save_all():
     """Store what is pending for the cache folder -- every cache's unsaved stencil blocks, the
-    stencil stores' new records -- at exit, before a fork, and before btvm dies of its guest's
+    entries queued for writing, the stencil stores' new records -- at exit, before a fork, and before btvm dies of its guest's
     signal (runtime/cli.py)."""
     for c in list(_LIVE):
         if c._unsaved and c.disk is not None:
@@ -76,6 +76,8 @@ def save_all():
                 c.save_stencil_blocks()
             except Exception:
                 pass
+    for d in list(_DISKS.values()):
+        d.flush()               # the entries its writer thread has not written yet
     stencil.flush_stores()
 
 

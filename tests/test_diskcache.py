@@ -1,6 +1,7 @@
 """The persistent translation cache (bt/diskcache.py) and the lazy-flag emitter (bt/emit.py)."""
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,29 @@ def test_corrupt_entries_are_rebuilt(tmp_path):
     assert (again["eax"], again["ebx"]) == (ref["eax"], ref["ebx"])
     third = _run(PROGRAM_A, tmp_path)
     assert third["compiled"] == 0 and (third["eax"], third["ebx"]) == (ref["eax"], ref["ebx"])
+
+
+def test_entries_are_deflated_and_a_bad_stream_is_not_trusted(tmp_path):
+    # The body is deflated (stencil recipes repeat the same stencils): smaller on disk, read back
+    # the same.  A body whose hash matches but that does not inflate to the lengths the header
+    # gives is refused, not half-used.
+    import hashlib
+    import zlib
+    from bt.diskcache import DiskCache, MAGIC, _HDR
+    d = DiskCache(tmp_path, "test")
+    mem = {0x1000: bytes(range(64))}
+    fetch = lambda a, n: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + n]   # noqa: E731
+    obj = b"\x48\x8b\x47\x10\x89\x47\x14" * 3000
+    name = d.store(1, [(0x1000, fetch(0x1000, 8), fetch(0x1000, 32), 1, "f", [])], obj)
+    d.flush()
+    path = d._path_of(name)
+    assert path.stat().st_size < len(obj) // 10
+    ent = DiskCache(tmp_path, "test").open(name, 0x1000, 1, fetch)
+    assert ent is not None and ent.obj == obj
+    magic, _, nmeta, nobj = _HDR.unpack_from(path.read_bytes())
+    body = zlib.compress(b"x" * (nmeta + nobj - 1))          # one byte short
+    path.write_bytes(_HDR.pack(MAGIC, hashlib.sha256(body).digest(), nmeta, nobj) + body)
+    assert DiskCache(tmp_path, "test").open(name, 0x1000, 1, fetch) is None
 
 
 def test_entry_for_other_guest_bytes_is_not_used(tmp_path):
@@ -227,6 +251,10 @@ def test_concurrent_writers(tmp_path):
     assert last["compiled"] == 0 and (last["eax"], last["ebx"]) == (results[0]["eax"], results[0]["ebx"])
 
 
+# Object code that does not deflate: entries of ~2,000 bytes on disk.
+_OBJ = random.Random(6).randbytes(2000)
+
+
 def test_lru_eviction(tmp_path):
     from bt.diskcache import DiskCache
     d = DiskCache(tmp_path, "test", max_bytes=20_000)
@@ -234,7 +262,8 @@ def test_lru_eviction(tmp_path):
     fetch = lambda a, n: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + n]   # noqa: E731
     for i in range(1, 40):
         eip = 0x1000 * i
-        d.store(1, [(eip, fetch(eip, 8), fetch(eip, 32), 1, f"f{i}", [])], b"\xcc" * 2000)
+        d.store(1, [(eip, fetch(eip, 8), fetch(eip, 32), 1, f"f{i}", [])], _OBJ)
+        d.flush()
         if i == 2:
             old = d._path(0x1000, 1, fetch(0x1000, 32))
             os.utime(old, (1, 1))
@@ -242,7 +271,7 @@ def test_lru_eviction(tmp_path):
     assert total <= 20_000
     assert d.lookup(0x1000, 1, fetch(0x1000, 32), fetch) is None        # least recently used: gone
     ent = d.lookup(0x1000 * 39, 1, fetch(0x1000 * 39, 32), fetch)       # the newest survives
-    assert ent is not None and ent.obj == b"\xcc" * 2000
+    assert ent is not None and ent.obj == _OBJ
 
 
 def test_lru_eviction_reaches_stencil_files(tmp_path):
@@ -302,14 +331,17 @@ def test_folder_size_is_kept_in_a_file(tmp_path):
     d = DiskCache(tmp_path, "test", max_bytes=40_000)
     mem = {0x1000 * i: bytes([i]) * 64 for i in range(1, 60)}
     fetch = lambda a, n: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + n]   # noqa: E731
-    d.store(1, [(0x1000, fetch(0x1000, 8), fetch(0x1000, 32), 1, "f1", [])], b"\xcc" * 2000)
+    d.store(1, [(0x1000, fetch(0x1000, 8), fetch(0x1000, 32), 1, "f1", [])], _OBJ)
+    d.flush()
     assert int((tmp_path / DiskCache.SIZE_FILE).read_text()) > 0
     d2 = DiskCache(tmp_path, "test", max_bytes=40_000)
     d2._entries = lambda: (_ for _ in ()).throw(AssertionError("listed the folder"))
-    d2.store(1, [(0x2000, fetch(0x2000, 8), fetch(0x2000, 32), 1, "f2", [])], b"\xcc" * 2000)
+    d2.store(1, [(0x2000, fetch(0x2000, 8), fetch(0x2000, 32), 1, "f2", [])], _OBJ)
+    d2.flush()
     del d2._entries
     for i in range(3, 60):
-        d2.store(1, [(0x1000 * i, fetch(0x1000 * i, 8), fetch(0x1000 * i, 32), 1, f"f{i}", [])], b"\xcc" * 2000)
+        d2.store(1, [(0x1000 * i, fetch(0x1000 * i, 8), fetch(0x1000 * i, 32), 1, f"f{i}", [])], _OBJ)
+    d2.flush()
     total = sum(p.stat().st_size for p in Path(tmp_path).rglob("*.bto")) + \
         sum(p.stat().st_size for p in Path(tmp_path).rglob("*.log"))
     assert total <= 40_000
@@ -403,8 +435,10 @@ def test_stencil_batches_with_the_same_head_do_not_overwrite_each_other(tmp_path
     blk = lambda eip: (eip, fetch(eip, 8), fetch(eip, 32), 1, f"f{eip:x}", [])  # noqa: E731
     run1 = DiskCache(tmp_path, "test")
     run1.store(1, [blk(0x1000), blk(0x2000)], b"A" * 100, tier=3)
+    run1.flush()
     run2 = DiskCache(tmp_path, "test")
     run2.store(1, [blk(0x1000), blk(0x3000)], b"B" * 100, tier=3)
+    run2.flush()
     run3 = DiskCache(tmp_path, "test")
     for eip in (0x2000, 0x3000):
         found = [run3.open(n, eip, 1, fetch) for n in run3.candidates(eip, 1, fetch(eip, 32))]
