@@ -18,7 +18,8 @@ Folder: ~/.cache/btvm/code (BTVM_CACHE_DIR overrides, BTVM_NO_CACHE=1 disables; 
 line's --cache-dir and --no-cache override both, through configure()).
 Writes are atomic (temporary file + os.replace), so concurrent processes are
 safe; an entry that is truncated, corrupt or from another version is ignored
-(and replaced by the rebuilt one).  The folder is kept under BTVM_CACHE_MAX_MB
+(and replaced by the rebuilt one).  Entries are deflated, and written by a thread
+of the DiskCache (store() returns at once; flush() waits, at exit and before a fork).  The folder is kept under BTVM_CACHE_MAX_MB
 (default 2048: a cold Linux boot stores ~500 MB) by evicting the least recently used entries (mtime, touched on a hit).
 """
 import hashlib
