@@ -6,8 +6,9 @@ translation cache) and under qemu-system-i386 -accel tcg, in one run; print time
 
 Rows: btvm cold (empty translation cache after `btvm prebuild`, as the README sets btvm up),
 cold with nothing prebuilt (an empty cache folder), cold with the stencils of that run kept,
-warm, and QEMU (run before each cold run and --repeat times at the end: its median over all
-runs is the reference, as this machine's speed drifts).  The guest images come from tools/fetch_guests.sh all; the initramfs (built here) prints
+warm, and QEMU (run before each btvm run and --repeat times at the end: its median over all
+runs is the reference, and each btvm run is also divided by the QEMU run just before it, as this
+machine's speed drifts).  The guest images come from tools/fetch_guests.sh all; the initramfs (built here) prints
 BTVM-INIT-OK from /init and powers off.  QEMU is skipped with a note if it is not installed
 (Debian package qemu-system-x86).  A benchmark, not a test: this machine is noisy, quote ratios.
 """
@@ -122,8 +123,8 @@ def main(argv=None):
     rows, rss, blocks, cache_mib = {}, {}, {}, {}
     log = work / "stderr.txt"
 
-    # QEMU runs once before each cold row too, and its median over all runs is the reference:
-    # this machine's speed drifts over minutes, and each cold run is paired with the one before it.
+    # QEMU runs once before each btvm run too, and its median over all runs is the reference:
+    # this machine's speed drifts over minutes, and each btvm run is paired with the one before it.
     qemu = shutil.which("qemu-system-i386")
     qemu_cmd = [qemu, "-accel", "tcg", "-nographic", "-no-reboot", "-m", "256", "-kernel", g["kernel"],
                 "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1"]
@@ -133,14 +134,13 @@ def main(argv=None):
             rows.setdefault("qemu-system-i386", []).append(
                 time_to_marker(qemu_cmd, args.timeout, rss=rss.setdefault("qemu-system-i386", [])))
 
-    paired = {}     # cold row -> [its run's time / the QEMU run's just before it]
+    paired = {}     # btvm row -> [its run's time / the QEMU run's just before it]
 
     def btvm_run(name, run_env=env):
-        if name != "btvm warm":
-            qemu_run()
+        qemu_run()
         rss.setdefault(name, [])
         t = time_to_marker(btvm, args.timeout, run_env, rss[name], log)
-        q_before = rows.get("qemu-system-i386", [None])[-1] if name != "btvm warm" else None
+        q_before = rows.get("qemu-system-i386", [None])[-1]
         if t is not None and q_before:
             paired.setdefault(name, []).append(t / q_before)
         blocks.setdefault(name, []).append(last_status(log, rb"(\d+) blocks compiled"))
@@ -211,7 +211,7 @@ def main(argv=None):
     print("(code cache: what btvm's anonymous memory grew by, the guest's RAM left out and the tier-2 worker's "
           "counted, the largest of the row's runs; blocks compiled: all tiers; both from btvm's last -status line "
           "before the marker)")
-    print("(x QEMU: over QEMU's median; paired: the median of each cold run over the QEMU run just before it)")
+    print("(x QEMU: over QEMU's median; paired: the median of each btvm run over the QEMU run just before it)")
     if lost:
         print("(runs that timed out, left out of the medians: "
               + ", ".join(f"{k} {n} of {len(rows[k])}" for k, n in lost.items()) + ")")
