@@ -371,6 +371,21 @@ IOMAP = [("in al, 0x71", True), ("out 0x70, al", True), ("in ax, 0x70", True), (
          ("mov dx, 0x3ff\n    mov edi, 0x300180\n    insb", True)]
 
 
+def test_in_merges_into_eax_and_out_sends_its_low_part():
+    # The UART's scratch register (0x3FF) keeps what OUT wrote; a 16-bit IN at 0x3FE reads the
+    # modem status (0x3FE) and the scratch byte as two byte cycles.  IN AL/AX leave the rest of
+    # EAX as it was.
+    body = ("    mov eax, 0x12345678\n    mov dx, 0x3ff\n    out dx, al\n"
+            "    mov eax, 0xaabbccdd\n    in al, dx\n" + store(0) +
+            "    mov eax, 0x11223344\n    mov dx, 0x3fe\n    in ax, dx\n" + store(1) +
+            "    mov eax, 0x55667788\n    out dx, eax\n    mov eax, 0\n    in al, 0x80\n" + store(2))
+    res, r, out = run(body)
+    completed(res, r)
+    assert out[0] == 0xAABBCC78
+    assert out[1] >> 8 == 0x112278          # AH: the scratch byte; AL: the modem status
+    assert out[2] & 0xFFFFFF00 == 0
+
+
 @pytest.mark.parametrize("insn,allowed", IOMAP)
 def test_ring3_io_through_the_tss_bitmap(insn, allowed):
     res, r, _ = run(to_ring3(f"    mov al, 0\n    {insn}\n"))
