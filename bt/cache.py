@@ -76,8 +76,7 @@ def save_all():
                 c.save_stencil_blocks()
             except Exception:
                 pass
-    for d in list(_DISKS.values()):
-        d.flush()               # the entries its writer thread has not written yet
+    diskcache.flush_all()       # the entries stored and not written yet
     stencil.flush_stores()
 
 

@@ -18,8 +18,9 @@ Folder: ~/.cache/btvm/code (BTVM_CACHE_DIR overrides, BTVM_NO_CACHE=1 disables; 
 line's --cache-dir and --no-cache override both, through configure()).
 Writes are atomic (temporary file + os.replace), so concurrent processes are
 safe; an entry that is truncated, corrupt or from another version is ignored
-(and replaced by the rebuilt one).  Entries are deflated, and written by a thread
-of the DiskCache (store() returns at once; flush() waits, at exit and before a fork).  The folder is kept under BTVM_CACHE_MAX_MB
+(and replaced by the rebuilt one).  Entries are deflated and hashed by a thread of
+the DiskCache and written at the next store() or flush() (at exit, before a fork).
+The folder is kept under BTVM_CACHE_MAX_MB
 (default 2048: a cold Linux boot stores ~500 MB) by evicting the least recently used entries (mtime, touched on a hit).
 """
 import hashlib
@@ -31,7 +32,9 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 import zlib
+from collections import deque
 from pathlib import Path
 
 from . import state as S
@@ -77,6 +80,14 @@ def source_hash():
 # Folders atomic_write has made or found: a mkdir per write was ~0.25 ms of a cold boot's ~500
 # stores each.
 _MADE = set()
+_ALL = weakref.WeakSet()        # every DiskCache of this process (flush_all)
+
+
+def flush_all():
+    """Write what every DiskCache of this process has stored (bt.cache.save_all: at exit,
+    before a fork)."""
+    for d in list(_ALL):
+        d.flush()
 
 
 def atomic_write(path, data):
@@ -214,7 +225,9 @@ def _unkey(k):
 class DiskCache:
     def __init__(self, root, fingerprint, max_bytes=None):
         self.root = Path(root)
-        self.version = hashlib.sha256((source_hash() + "|" + fingerprint).encode()).hexdigest()
+        # MAGIC too: the index records of entries in an older format must not be found (their
+        # files are refused), and this file's sources are not part of source_hash().
+        self.version = hashlib.sha256((source_hash() + "|" + fingerprint + "|" + MAGIC.decode()).encode()).hexdigest()
         if max_bytes is None:
             max_bytes = int(float(os.environ.get("BTVM_CACHE_MAX_MB", "2048")) * 2**20)
         self.max_bytes = max_bytes
@@ -224,7 +237,9 @@ class DiskCache:
         self.errors = 0
         self._index = None          # _ikey(eip, key, window digest) -> entry name or tuple of names
         self._log = None            # this process's index log (named at the first store)
-        self._writes = None         # entries stored and not yet written: (queue, writer thread, pid)
+        self._writes = None         # entries stored and not yet packed: (queue, packing thread, pid)
+        self._packed = deque()      # (name, file contents, index records) packed, not yet written
+        _ALL.add(self)
 
     def _name(self, eip, key, window):
         return hashlib.sha256(f"{self.version}:{eip:x}:{key:x}:".encode() + window).digest()
@@ -482,9 +497,9 @@ class DiskCache:
         raw bytes, window, ninsns, function name, [slot names])] of the object, the head first;
         window is fetch(eip, WINDOW).  movable: the eips of blocks whose code can be rebuilt
         elsewhere (indexed by page offset too: moved_candidates).  This process's index has the
-        blocks at once; the file and the index log are written by a thread of this cache's
-        (deflating and hashing let the guest's thread run meanwhile), before the process exits
-        or forks (flush)."""
+        blocks at once; a thread of this cache's deflates and hashes the entry (the guest's
+        thread runs meanwhile), and the file and the index log are written at the next store()
+        or flush()."""
         meta = json.dumps({"version": self.version, "eip": blocks[0][0], "key": key, "tier": tier,
                            "blocks": [[b, raw.hex(), n, name, list(slots)]
                                       for b, raw, _, n, name, slots in blocks]},
@@ -498,34 +513,53 @@ class DiskCache:
         records = self._index_records(
             [(b, key, self._wdigest(w), name, tier) for b, _, w, _, _, _ in blocks]
             + [(b, key | MOVABLE, self._wdigest(w), name, tier) for b, _, w, _, _, _ in blocks if b in movable])
+        self._write_packed()
         w = self._writes
         if w is None or w[2] != os.getpid():        # none yet, or inherited through a fork
             q = queue.Queue()
-            t = threading.Thread(target=self._writer, args=(q,), name="btvm-diskcache", daemon=True)
-            t.start()
+            t = threading.Thread(target=self._packer, args=(q,), name="btvm-diskcache", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:                    # at interpreter shutdown (Python 3.12.0-1)
+                self._write(name, self._pack(meta, obj), records)
+                return name
             w = self._writes = (q, t, os.getpid())
         w[0].put((name, meta, obj, records))
         return name
 
     def flush(self):
-        """Wait until everything stored so far is written (at exit, before a fork)."""
+        """Write everything stored so far (at exit, before a fork): wait for the packing thread,
+        then write what it packed."""
         w = self._writes
         if w is not None and w[2] == os.getpid():
             w[0].join()
+        self._write_packed()
 
-    def _writer(self, q):
+    # The thread only deflates and hashes.  The files are written by the thread that stores
+    # (at its next store() or flush()): a user-mode guest shares this process's descriptor table,
+    # and a descriptor the thread opened could take the number the guest's next open() expects
+    # (or a dup2 of the guest's could land on the thread's file).
+    def _packer(self, q):
         while True:
             name, meta, obj, records = q.get()
             try:
-                self._write(name, meta, obj, records)
+                self._packed.append((name, self._pack(meta, obj), records))
             except Exception:
                 self.errors += 1
             finally:
                 q.task_done()
 
-    def _write(self, name, meta, obj, records):
+    @staticmethod
+    def _pack(meta, obj):
         body = zlib.compress(meta + obj, DEFLATE_LEVEL)
-        data = _HDR.pack(MAGIC, hashlib.sha256(body).digest(), len(meta), len(obj)) + body
+        return _HDR.pack(MAGIC, hashlib.sha256(body).digest(), len(meta), len(obj)) + body
+
+    def _write_packed(self):
+        packed = self._packed
+        while packed:
+            self._write(*packed.popleft())
+
+    def _write(self, name, data, records):
         try:
             atomic_write(self._path_of(name), data)
         except OSError:

@@ -127,6 +127,43 @@ def test_entries_are_deflated_and_a_bad_stream_is_not_trusted(tmp_path):
     assert DiskCache(tmp_path, "test").open(name, 0x1000, 1, fetch) is None
 
 
+def test_entry_files_are_written_by_the_storing_thread(tmp_path, monkeypatch):
+    # A user-mode guest shares btvm's descriptor table: a file the packing thread opened could
+    # take the number the guest's next open() expects.  So only deflating and hashing happen on
+    # that thread; the files are written by the thread that stores, at its next store() or at
+    # flush_all() (at exit), which also covers a DiskCache made outside bt.cache.
+    import threading
+    import time
+    from bt import diskcache
+    from bt.diskcache import DiskCache
+    writers = []
+    real_write, real_log = diskcache.atomic_write, DiskCache._log_records
+    monkeypatch.setattr(diskcache, "atomic_write",
+                        lambda *a: (writers.append(threading.current_thread()), real_write(*a))[1])
+    monkeypatch.setattr(DiskCache, "_log_records",
+                        lambda self, parts: (writers.append(threading.current_thread()), real_log(self, parts))[1])
+    d = DiskCache(tmp_path, "test")
+    mem = {0x1000 * i: bytes([i]) * 64 for i in range(1, 6)}
+    fetch = lambda a, k: mem.get(a & ~0xFFF, b"")[a & 0xFFF:(a & 0xFFF) + k]   # noqa: E731
+    names = []
+    for i in range(1, 6):
+        names.append(d.store(1, [(0x1000 * i, fetch(0x1000 * i, 8), fetch(0x1000 * i, 32), 1, f"f{i}", [])],
+                             _OBJ))
+        time.sleep(0.02)            # the thread packs meanwhile
+    diskcache.flush_all()
+    assert all(d._path_of(n).is_file() for n in names)
+    assert writers and all(t is threading.main_thread() for t in writers)
+
+
+def test_entries_of_another_file_format_are_not_indexed(monkeypatch):
+    # Old entries' files are refused (their MAGIC); their index records must not be found
+    # either, or every lookup of their blocks would read a dead file first.
+    from bt import diskcache
+    before = diskcache.DiskCache("/nonexistent", "x").version
+    monkeypatch.setattr(diskcache, "MAGIC", b"BTVMOBJ9")
+    assert diskcache.DiskCache("/nonexistent", "x").version != before
+
+
 def test_entry_for_other_guest_bytes_is_not_used(tmp_path):
     a = _run(PROGRAM_A, tmp_path)
     b_ref = _run(PROGRAM_B, tmp_path / "fresh")
