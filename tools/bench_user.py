@@ -9,7 +9,8 @@ Workloads (sizes scale with --scale):
            search) and an LZ77 compressor over 4 MiB; output compared with the native run
 
 Every engine runs each workload once untimed (page cache, and for btvm the cold measurement), then
---repeat times timed; the table shows median wall-clock seconds. btvm's first run uses an empty
+--repeat rounds in which every engine runs it once (interleaved: the machine's speed drifts); the
+table shows median wall-clock seconds, and btvm over qemu-i386 also as the median of the rounds' pairs. btvm's first run uses an empty
 persistent translation cache (BTVM_CACHE_DIR = a fresh temporary folder per workload) and is reported as "btvm
 cold"; the timed runs reuse that folder ("btvm warm": start-up code and hot loops come from the disk
 cache, nothing is compiled). Ratios are btvm warm / qemu-i386 and btvm warm / native (higher =
@@ -164,30 +165,39 @@ def main(argv=None):
                 if eng == "btvm" and not args.no_cold:
                     r["btvm cold"] = first
                     print(f"  {name:7s} {'btvm cold':10s} {fmt(first)} s  (empty persistent cache)", flush=True)
-                times = [timed(prefix, cmd, check, env) for _ in range(args.repeat)]
+            # Rounds of one run per engine, not one engine's runs in a row: this machine's speed
+            # drifts by tens of percent within minutes, and a ratio of runs minutes apart showed it.
+            times = {eng: [] for eng, _, _ in engines}
+            for _ in range(args.repeat):
+                for eng, prefix, env in engines:
+                    times[eng].append(timed(prefix, cmd, check, env))
+            for eng, _, _ in engines:
                 key = "btvm warm" if eng == "btvm" else eng
-                r[key + " runs"] = times
-                r[key] = statistics.median(times)
-                print(f"  {name:7s} {key:10s} {fmt(r[key])} s  (runs: {', '.join(fmt(t) for t in times)})",
+                r[key + " runs"] = times[eng]
+                r[key] = statistics.median(times[eng])
+                print(f"  {name:7s} {key:10s} {fmt(r[key])} s  (runs: {', '.join(fmt(t) for t in times[eng])})",
                       flush=True)
             r["btvm/qemu-i386"] = ratio(r.get("btvm warm"), r.get("qemu-i386"))
+            if args.qemu:
+                r["paired"] = statistics.median(b / q for b, q in zip(times["btvm"], times["qemu-i386"]))
             r["btvm/native"] = ratio(r.get("btvm warm"), r.get("native"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     cols = ["native"] + (["qemu-i386"] if args.qemu else []) + ([] if args.no_cold else ["btvm cold"]) + \
-           ["btvm warm"] + (["btvm/qemu-i386"] if args.qemu else []) + ["btvm/native"]
+           ["btvm warm"] + (["btvm/qemu-i386", "paired"] if args.qemu else []) + ["btvm/native"]
     n = max(1, int(LOOP_N * args.scale))
     label = {"loop": f"sh loop {n}", "sha256": f"sha256sum {size / 2**20:g}MiB",
              "gzip": f"gzip -c {size / 2**20:g}MiB", "cprog": "bench_prog.c -O2"}
     w0 = max(len(label[x]) for x in names) + 2
-    print(f"\nmedian wall seconds over {args.repeat} run(s); ratios use btvm warm (x = times slower)")
+    print(f"\nmedian wall seconds over {args.repeat} run(s); ratios use btvm warm (x = times slower); paired: the "
+          f"median of each round's btvm run over its qemu-i386 run")
     print("workload".ljust(w0) + "".join(c.rjust(max(11, len(c) + 2)) for c in cols))
     for name in names:
         row = label[name].ljust(w0)
         for c in cols:
             v = res[name].get(c)
-            s = "-" if v is None else (f"{v:.1f}x" if "/" in c else f"{v:.3f}")
+            s = "-" if v is None else (f"{v:.1f}x" if "/" in c or c == "paired" else f"{v:.3f}")
             row += s.rjust(max(11, len(c) + 2))
         print(row)
 
