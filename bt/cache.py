@@ -457,17 +457,9 @@ class CodeCache:
     def _from_disk(self, eip, key, window):
         """Install the blocks of a persistent-cache entry for (eip, key); returns the TB at eip or None."""
         for name in self.disk.candidates(eip, key, window):
-            known = _ENTRIES.get(name)
-            if known is not None:           # loaded earlier in this process: no file to read
-                tb = self._adopt_entry(*known, eip, key, counter="memo_hits")
-                if tb is None:
-                    tb = self._rebuild_deferred(name, eip, key)
-                if tb is not None:
-                    return tb
-                continue
-            ent = self.disk.open(name, eip, key, self.fetch)
-            if ent is not None:
-                return self._load_entry(ent, eip, key)
+            tb = self._take_entry(name, eip, key)
+            if tb is not None:
+                return tb
         if _moves(key) and self.stencils is not None:
             for name, there in self.disk.moved_candidates(eip, key, window):
                 delta = (eip - there) & 0xFFFFFFFF
@@ -475,6 +467,16 @@ class CodeCache:
                 if ent is not None:
                     return self._load_moved(ent, eip, key, delta)
         return None
+
+    def _take_entry(self, name, eip, key):
+        """Install the blocks of the indexed entry called name that match guest memory; the TB at
+        (eip, key), or None if the entry does not hold it as memory has it."""
+        known = _ENTRIES.get(name)
+        if known is not None:           # loaded earlier in this process: no file to read
+            tb = self._adopt_entry(*known, eip, key, counter="memo_hits")
+            return tb if tb is not None else self._rebuild_deferred(name, eip, key)
+        ent = self.disk.open(name, eip, key, self.fetch)
+        return self._load_entry(ent, eip, key) if ent is not None else None
 
     def _load_moved(self, ent, eip, key, delta):
         """The blocks of a stored stencil entry whose bytes are delta bytes further on now, rebuilt
@@ -784,12 +786,7 @@ class CodeCache:
         for name in disk.candidates(eip, key, window):
             if disk.tier_of(name) != 2:
                 break               # tier-2 regions come first
-            known = _ENTRIES.get(name)
-            if known is not None:
-                tb = self._adopt_entry(*known, eip, key, counter="memo_hits")
-            else:
-                ent = disk.open(name, eip, key, self.fetch)
-                tb = self._load_entry(ent, eip, key) if ent is not None else None
+            tb = self._take_entry(name, eip, key)
             if tb is not None and tb.tier == 2:
                 return True
         return False

@@ -11,7 +11,7 @@ implements ``raise_irq(n)`` / ``lower_irq(n)``.
 """
 import bisect
 
-_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+SIZE_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}     # an access's size in bytes -> its value mask
 
 
 class IOBus:
@@ -40,7 +40,7 @@ class IOBus:
 
     def read(self, port, size=1):
         port &= 0xFFFF
-        mask = _MASKS[size]
+        mask = SIZE_MASKS[size]
         dev = self._ports[port]
         if dev is not None and (size == 1 or size in getattr(dev, "io_sizes", (1,))):
             return dev.io_read(port, size) & mask
@@ -54,7 +54,7 @@ class IOBus:
 
     def write(self, port, size, value):
         port &= 0xFFFF
-        value &= _MASKS[size]
+        value &= SIZE_MASKS[size]
         dev = self._ports[port]
         if dev is not None and (size == 1 or size in getattr(dev, "io_sizes", (1,))):
             dev.io_write(port, size, value)
@@ -109,7 +109,7 @@ class MMIOMap:
     def read(self, addr, size):
         hit = self.find(addr)
         if hit is None:
-            return _MASKS.get(size, (1 << (8 * size)) - 1)
+            return SIZE_MASKS.get(size, (1 << (8 * size)) - 1)
         dev, _, off = hit
         return dev.mmio_read(off, size)
 

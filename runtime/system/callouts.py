@@ -10,6 +10,7 @@ from bt import state as S
 from bt.decode import Reg
 from runtime.cpu import GuestFault, Stop
 from runtime.cpuid import handle_cpuid
+from runtime.devices.bus import SIZE_MASKS
 
 from .descriptors import CALL_GATE, TASK_GATE
 from .paging import CR0_TS, CR4_TSD
@@ -189,7 +190,6 @@ def _port_size(insn):
 # instruction out again each time was a third of the handler.
 _IO_PLANS = {}
 _IN, _OUT, _STRING = range(3)
-_SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
 
 
 def _io_plan(insn):
@@ -217,7 +217,7 @@ def io(cpu, insn):
     if cpu.after_io is not None:
         cpu.after_io()
     bus = cpu.io
-    mask = _SIZE_MASK[size]
+    mask = SIZE_MASKS[size]
     if kind == _IN:
         v = bus.read(port, size) if bus else mask
         st.regs[0] = (st.regs[0] & ~mask & 0xFFFFFFFF) | (v & mask)
